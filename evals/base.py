@@ -1,0 +1,75 @@
+"""The contract every task implements.
+
+A task turns its config into a deterministic list of ``Sample`` objects, scores one prediction at a time and
+aggregates the scored records of a run into ``metrics.json`` fields.  The runner owns tokenisation of the final
+prompt, middle truncation to the model's context, the chat template, generation and the results files; a task
+never sees a KV method.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Sample:
+    id: str  # unique within the task and stable across runs (resume keys on it)
+    prompt: str  # text before the chat template
+    references: list[str]
+    max_new_tokens: int
+    chat_template: bool = False  # wrap in the model's chat template (when the model has one)
+    stop: list[str] = field(default_factory=list)  # generation stops at the first one; it is cut from the output
+    subtask: str = ""  # LongBench subset, RULER task, needle cell ...
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras the scorer and report use
+    answer_prefix: str = ""  # text appended after the chat template (RULER's answer prefixes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Task(ABC):
+    """Base class for tasks. ``cfg`` is the task's config node (a plain dict or an OmegaConf DictConfig)."""
+
+    name: str = ""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def validate(self, model_max_len: int) -> None:
+        """Raise ``ValueError`` for settings that cannot work with this model, before any model is loaded."""
+
+    @abstractmethod
+    def samples(self, tokenizer: Any, model_max_len: int) -> list[Sample]:
+        """All samples of the task in a fixed order (the runner applies ``limit`` and sharding)."""
+
+    @abstractmethod
+    def score(self, sample: Sample, prediction: str) -> float:
+        """Score of one prediction, 0-100."""
+
+    def aggregate(self, records: list[dict]) -> dict:
+        """Fields for ``metrics.json`` from the scored prediction records of a run.
+
+        Must contain ``score`` (the headline number, 0-100) and ``subtasks`` (``{name: {"score", "n"}}``).
+        The default is the mean over subtasks of the mean per subtask.
+        """
+        return mean_over_subtasks(records)
+
+    def protocol(self) -> dict:
+        """Everything that defines the task's prompts and scoring; hashed into every result."""
+        return {"task": self.name}
+
+
+def mean_over_subtasks(records: list[dict]) -> dict:
+    by_sub: dict[str, list[float]] = {}
+    for r in records:
+        by_sub.setdefault(r.get("subtask", ""), []).append(float(r["score"]))
+    subtasks = {k: {"score": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_sub.items())}
+    score = sum(s["score"] for s in subtasks.values()) / len(subtasks) if subtasks else float("nan")
+    return {"score": score, "subtasks": subtasks}
+
+
+def stable_hash(obj: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]

@@ -1,0 +1,82 @@
+"""Passkey retrieval ("needle in a haystack") over a grid of context lengths × needle depths × repeats.
+
+Raw completion prompt (no chat template): instruction, haystack with the needle at the given depth, question.
+Lengths are in the model's tokens, depth is a fraction 0–1 of the haystack.  A sample scores 100 when the
+normalised passkey is a substring of the normalised output; the headline is the mean over cells of the mean
+per cell.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from evals.base import Sample, Task
+from evals.haystack import HAYSTACKS, haystack_ids
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important information there.")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
+
+
+class NeedleTask(Task):
+    name = "needle"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.lengths = [int(x) for x in cfg.get("lengths", [1000, 2000, 4000])]
+        self.depths = [float(x) for x in cfg.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0])]
+        self.repeats = int(cfg.get("repeats", 1))
+        self.haystack = str(cfg.get("haystack", "noise"))
+        self.seed = int(cfg.get("seed", 0))
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 16))
+        if self.haystack not in HAYSTACKS:
+            raise ValueError(f"task.haystack={self.haystack!r} is not valid; use one of {HAYSTACKS}")
+        bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
+        if bad:
+            raise ValueError(f"task.depths {bad} are not valid; depths are fractions between 0 and 1")
+        if not self.lengths or min(self.lengths) < 64:
+            raise ValueError(f"task.lengths={self.lengths} is not valid; give lengths of at least 64 tokens")
+        if self.repeats < 1:
+            raise ValueError(f"task.repeats={self.repeats} must be >= 1")
+
+    def validate(self, model_max_len: int) -> None:
+        too_long = [n for n in self.lengths if n + self.max_new_tokens > model_max_len]
+        if too_long:
+            raise ValueError(f"task.lengths {too_long} plus {self.max_new_tokens} new tokens exceed the model's "
+                             f"max length {model_max_len}")
+
+    def samples(self, tokenizer, model_max_len):
+        rng = random.Random(self.seed)
+        keys = {(n, d, r): str(rng.randint(1_000_000, 9_999_999))
+                for n in self.lengths for d in self.depths for r in range(self.repeats)}
+        out = []
+        for n in self.lengths:
+            for d in self.depths:
+                for r in range(self.repeats):
+                    out.append(self._sample(tokenizer, n, d, r, keys[(n, d, r)]))
+        return out
+
+    def _sample(self, tokenizer, length, depth, repeat, key) -> Sample:
+        needle = NEEDLE.format(key=key)
+        overhead = len(tokenizer(f"{INSTRUCTION} {needle} {QUESTION}", add_special_tokens=True).input_ids) + 2
+        hay = haystack_ids(tokenizer, self.haystack, max(0, length - overhead))
+        cut = int(round(depth * len(hay)))
+        before = tokenizer.decode(hay[:cut]).strip()
+        after = tokenizer.decode(hay[cut:]).strip()
+        prompt = " ".join(p for p in (INSTRUCTION, before, needle, after, QUESTION) if p)
+        return Sample(id=f"len{length}_depth{depth:.2f}_rep{repeat}", prompt=prompt, references=[key],
+                      max_new_tokens=self.max_new_tokens, chat_template=False, stop=["\n"],
+                      subtask=f"len={length}/depth={depth:.2f}", meta={"length": length, "depth": depth})
+
+    def score(self, sample, prediction):
+        return 100.0 * any(normalise(ref) in normalise(prediction) for ref in sample.references)
+
+    def protocol(self):
+        return {"task": self.name, "lengths": self.lengths, "depths": self.depths, "repeats": self.repeats,
+                "haystack": self.haystack, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
+                "instruction": INSTRUCTION, "needle": NEEDLE, "question": QUESTION, "chat_template": False}

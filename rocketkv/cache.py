@@ -1,0 +1,92 @@
+"""Per-layer KV storage that can evict in place and carries method metadata.
+
+Keys are stored post-RoPE, once per KV head: ``keys``/``values`` are ``[B, Hkv, S, d]``.  ``positions``
+(``[B, Hkv, S]``) keeps each stored token's original position, so eviction never renumbers tokens and
+``get_seq_length()`` reports tokens seen, not tokens stored.  ``visible`` (``[B, Hkv, g, S]`` or None) marks
+which stored slots each query head of a group may attend to, for methods that select per query head.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+_active = threading.local()
+
+
+def active_layer() -> "CompressedLayer | None":
+    """The layer whose ``update`` ran last in this thread: the one the next attention call reads."""
+    return getattr(_active, "layer", None)
+
+
+class CompressedLayer(DynamicLayer):
+    def __init__(self, state: Any, layer_idx: int):
+        super().__init__()
+        self.state = state  # per-generation state shared by all layers (plan, method, statistics)
+        self.layer_idx = layer_idx
+        self.positions: torch.Tensor | None = None
+        self.visible: torch.Tensor | None = None
+        self.meta: dict[str, Any] = {}
+        self.seen = 0
+        self.compressed = False
+        self.n_indexed = 0  # slots covered by method metadata (pages)
+        self.kept_after_prefill: float | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.positions = torch.empty(b, h, 0, dtype=torch.long, device=key_states.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, n, _ = key_states.shape
+        new_pos = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        if self.visible is not None:
+            ones = torch.ones(*self.visible.shape[:3], n, dtype=torch.bool, device=self.visible.device)
+            self.visible = torch.cat([self.visible, ones], dim=-1)
+        self.seen += n
+        _active.layer = self
+        return self.keys, self.values
+
+    @property
+    def stored(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, 0
+
+    def keep(self, slots: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+        """Keep only ``slots`` (``[B, Hkv, m]``, ascending) of every head; the rest is freed, not masked."""
+        idx = slots.unsqueeze(-1).expand(*slots.shape, self.keys.shape[-1])
+        self.keys = torch.gather(self.keys, 2, idx).contiguous()
+        self.values = torch.gather(self.values, 2, idx).contiguous()
+        self.positions = torch.gather(self.positions, 2, slots).contiguous()
+        self.visible = visible
+        self.meta = {}
+        self.n_indexed = 0
+
+    def kv_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def meta_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.meta.values() if isinstance(t, torch.Tensor))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed KV cache cannot be cropped (no assisted/speculative decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with a compressed KV cache; use greedy decoding")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("num_return_sequences > 1 is not supported with a compressed KV cache")

@@ -1,0 +1,177 @@
+"""The contract every KV method implements, and the attention primitives they share.
+
+Prefill attention is always exact and dense; a method only decides what the cache keeps after the prefill
+(``compress``), what metadata it maintains (``index``) and how a decode step attends (``decode``).  Query
+tensors use the grouped layout ``[B, Hkv, g, d]`` so K/V are never repeated per query head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rocketkv.cache import CompressedLayer
+
+METHODS: dict[str, type["Method"]] = {}
+
+MIN_BUDGET = 16
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class StepCost:
+    """What one decode step of one layer touched, per sequence."""
+
+    attended: float  # tokens attended, mean over query heads
+    elements: float  # K/V and metadata elements read, summed over KV heads
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses set ``name`` and override the hooks they need.
+
+    ``budget`` is the paper's token budget ``t``: per KV group, K+V traffic of one decode step in
+    token-equivalents, approximation traffic included.
+    """
+
+    budget: int | None = None
+    window: int = 32
+    decode_last_prompt_token: bool = True
+    skip_layers: int = 0
+    kernels: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    name = ""
+    uses_budget = True
+
+    def __post_init__(self):
+        if self.extra:
+            raise ValueError(f"method {self.name!r}: unknown options {sorted(self.extra)}; valid: "
+                             f"{sorted(f for f in self.__dataclass_fields__ if f != 'extra')}")
+        if self.uses_budget:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+                raise ValueError(f"budget={self.budget!r} is not valid for method {self.name!r}: "
+                                 f"give a positive integer number of tokens (>= {MIN_BUDGET})")
+            if self.budget < MIN_BUDGET:
+                raise ValueError(f"budget={self.budget} is below the minimum of {MIN_BUDGET} tokens "
+                                 f"for method {self.name!r}")
+        if self.window < 1:
+            raise ValueError(f"window={self.window} must be >= 1")
+        if self.skip_layers < 0:
+            raise ValueError(f"skip_layers={self.skip_layers} must be >= 0")
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
+             group_size: int = 1) -> dict:
+        """The concrete parameters used for one sample; pure and cheap."""
+        return {}
+
+    # ------------------------------------------------------------------ hooks
+    def compress(self, layer: CompressedLayer, q_prompt: torch.Tensor, prompt_len: int, plan: dict,
+                 scaling: float) -> None:
+        """Called once after the exact prefill of slots ``[0, prompt_len)``; ``q_prompt`` is ``[B,Hkv,g,L,d]``."""
+
+    def index(self, layer: CompressedLayer, plan: dict) -> None:
+        """Bring method metadata up to date with the stored slots."""
+
+    def decode(self, layer: CompressedLayer, q: torch.Tensor, upto: int, plan: dict,
+               scaling: float) -> tuple[torch.Tensor, StepCost]:
+        """Attention of one query token per head, ``q`` ``[B,Hkv,g,d]``, over stored slots ``[0, upto)``."""
+        return dense_decode(layer, q, upto, scaling)
+
+
+# ---------------------------------------------------------------------- shared primitives
+def seq_len_for_plan(prompt_len: int, max_new_tokens: int, model_max_len: int | None) -> int:
+    total = prompt_len + max_new_tokens
+    return min(total, model_max_len) if model_max_len else total
+
+
+def visible_mask(layer: CompressedLayer, upto: int) -> torch.Tensor | None:
+    """``[B,Hkv,g,upto]`` per-head visibility, or None when every slot is visible to every head."""
+    return None if layer.visible is None else layer.visible[..., :upto]
+
+
+def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: int, scaling: float) -> tuple[torch.Tensor, StepCost]:
+    k, v = layer.keys[:, :, :upto], layer.values[:, :, :upto]
+    vis = visible_mask(layer, upto)
+    # The g query heads of a group stand in the query-length axis: one K/V read serves them all.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scaling)
+    attended = float(upto) if vis is None else vis.sum(-1).float().mean().item()
+    hkv, d = k.shape[1], k.shape[-1]
+    return out, StepCost(attended, float(upto * 2 * d * hkv))
+
+
+def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, upto: int,
+                   scaling: float) -> torch.Tensor:
+    """Exact softmax attention over selected slots.
+
+    ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
+    Only the selected rows of K/V are gathered.
+    """
+    b, hkv, g, d = q.shape
+    G, kk = idx.shape[2], idx.shape[3]
+    safe = idx.clamp(min=0)
+    flat = safe.reshape(b, hkv, G * kk, 1).expand(b, hkv, G * kk, d)
+    k_sel = torch.gather(layer.keys[:, :, :upto], 2, flat).view(b, hkv, G, kk, d)
+    v_sel = torch.gather(layer.values[:, :, :upto], 2, flat).view(b, hkv, G, kk, d)
+    logits = torch.einsum("bhgd,bhgkd->bhgk", q.float(), k_sel.float().expand(b, hkv, g, kk, d)) * scaling
+    logits = logits.masked_fill((idx < 0).expand(b, hkv, g, kk), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float().expand(b, hkv, g, kk, d))
+    return out.to(q.dtype)
+
+
+def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best slots along the last axis; -inf scores never count (returned as -1)."""
+    k = min(k, scores.shape[-1])
+    vals, idx = scores.topk(k, dim=-1)
+    return idx.masked_fill(torch.isneginf(vals), -1)
+
+
+def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Distinct valid slots per ``[B,Hkv]`` over the G and k axes of ``idx`` ``[B,Hkv,G,k]``."""
+    b, hkv = idx.shape[:2]
+    hit = torch.zeros(b, hkv, n_slots + 1, dtype=torch.bool, device=idx.device)
+    flat = idx.reshape(b, hkv, -1).clamp(min=-1) + 1  # -1 pads land in slot 0, dropped below
+    hit.scatter_(2, flat, True)
+    return hit[..., 1:].sum(-1)
+
+
+def window_scores(q_prompt: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,
+                  scaling: float) -> torch.Tensor:
+    """SnapKV scores ``[B,Hkv,g,L-w]``: post-softmax attention of the last ``w`` prompt queries, summed over them."""
+    q_win = q_prompt[..., prompt_len - window:prompt_len, :].float()
+    k = keys[:, :, :prompt_len].float()
+    logits = torch.einsum("bhgwd,bhsd->bhgws", q_win, k) * scaling
+    q_pos = torch.arange(prompt_len - window, prompt_len, device=k.device)
+    k_pos = torch.arange(prompt_len, device=k.device)
+    logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=-2)[..., : prompt_len - window]
+
+
+def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool along the last axis with stride 1 and the same length (odd kernel)."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    pooled = F.max_pool1d(scores.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(shape)
+
+
+def keep_selection(layer: CompressedLayer, chosen: torch.Tensor, tail_start: int) -> None:
+    """Keep ``chosen`` (``[B,Hkv,m]``) prefix slots, in position order, and every slot from ``tail_start`` on."""
+    b, hkv = chosen.shape[:2]
+    tail = torch.arange(tail_start, layer.stored, device=chosen.device).expand(b, hkv, -1)
+    slots = torch.cat([chosen.sort(dim=-1).values, tail], dim=-1)
+    layer.keep(slots)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+

@@ -1,0 +1,27 @@
+"""Exact top-k oracle: per query head, exact scores over the whole cache, softmax over the best ``k = t`` only."""
+from dataclasses import dataclass
+
+import torch
+
+from rocketkv.methods.base import Method, StepCost, attend_indices, register, topk_slots, union_count, visible_mask
+
+
+@register
+@dataclass
+class ExactTopK(Method):
+    name = "topk"
+
+    def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
+        return {"topk": self.budget}
+
+    def decode(self, layer, q, upto, plan, scaling):
+        keys = layer.keys[:, :, :upto]
+        scores = torch.einsum("bhgd,bhsd->bhgs", q.float(), keys.float())
+        vis = visible_mask(layer, upto)
+        if vis is not None:
+            scores = scores.masked_fill(~vis, float("-inf"))
+        idx = topk_slots(scores, plan["topk"])  # [B,Hkv,g,k]: one set per query head
+        out = attend_indices(layer, q, idx, upto, scaling)
+        d, hkv = keys.shape[-1], keys.shape[1]
+        values_read = union_count(idx, upto).float().sum().item() / q.shape[0]
+        return out, StepCost(float((idx >= 0).sum(-1).float().mean()), upto * d * hkv + values_read * d)

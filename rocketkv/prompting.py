@@ -1,0 +1,43 @@
+"""From a task's ``Sample`` to the token ids the model sees: middle truncation, chat template, answer prefix."""
+from __future__ import annotations
+
+from typing import Any
+
+from evals.base import Sample
+
+
+def truncate_middle(ids: list[int], max_len: int) -> list[int]:
+    """Keep the first and last halves (in tokens) when ``ids`` is longer than ``max_len``."""
+    if max_len <= 0:
+        raise ValueError(f"max prompt length must be positive, got {max_len}")
+    if len(ids) <= max_len:
+        return list(ids)
+    half = max_len // 2
+    return list(ids[:half]) + list(ids[len(ids) - (max_len - half):])
+
+
+def uses_chat_template(tokenizer: Any, sample: Sample, model_chat: bool) -> bool:
+    return bool(sample.chat_template and model_chat and getattr(tokenizer, "chat_template", None))
+
+
+def prompt_token_ids(tokenizer: Any, sample: Sample, model_chat: bool, model_max_len: int) -> list[int]:
+    """Token ids of the final prompt.
+
+    As in LongBench's official protocol, the raw prompt is truncated in the middle to leave room for the
+    generated tokens and the template, then wrapped in the chat template (when both the task and the model use
+    one), then followed by the task's answer prefix.
+    """
+    raw = tokenizer(sample.prompt, add_special_tokens=False).input_ids
+    chat = uses_chat_template(tokenizer, sample, model_chat)
+    overhead = len(_wrap(tokenizer, "", chat, sample.answer_prefix))
+    kept = truncate_middle(raw, model_max_len - sample.max_new_tokens - overhead)
+    text = sample.prompt if len(kept) == len(raw) else tokenizer.decode(kept, skip_special_tokens=True)
+    return _wrap(tokenizer, text, chat, sample.answer_prefix)
+
+
+def _wrap(tokenizer: Any, text: str, chat: bool, answer_prefix: str) -> list[int]:
+    if chat:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return tokenizer(rendered + answer_prefix, add_special_tokens=False).input_ids
+    return tokenizer(text + answer_prefix, add_special_tokens=True).input_ids

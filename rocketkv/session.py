@@ -1,0 +1,255 @@
+"""``compress(model, method, budget)``: run a Hugging Face causal LM with a compressed KV cache.
+
+Hooks into transformers through its seams only: an attention function and a matching mask function
+registered under one name (``AttentionInterface`` / ``AttentionMaskInterface``), and cache layers
+(``CompressedLayer``, a ``DynamicLayer`` subclass) placed in the ``Cache`` the forward pass receives.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface
+
+from rocketkv.cache import CompressedLayer, active_layer
+from rocketkv.methods import Method, make_method
+from rocketkv.methods.full import FullKV
+
+ATTN_NAME = "rocketkv"
+
+
+# ---------------------------------------------------------------------- per-generation state
+@dataclass
+class GenerationState:
+    """Shared by the layers of one cache: the method, this sample's plan and the running statistics."""
+
+    method: Method
+    max_new_tokens: int
+    model_max_len: int | None
+    plan: dict | None = None
+    prompt_len: int | None = None
+    group_size: int = 1
+    dense: Method = field(default_factory=FullKV)
+    steps: int = 0
+    attended_sum: float = 0.0
+    elements_sum: float = 0.0
+    element_size: int = 4
+    layers: list = field(default_factory=list)
+
+    def method_for(self, layer_idx: int) -> Method:
+        return self.dense if layer_idx < self.method.skip_layers else self.method
+
+    def record(self, layer_idx: int, attended: float, elements: float) -> None:
+        if layer_idx == 0:
+            self.steps += 1
+        self.attended_sum += attended
+        self.elements_sum += elements
+
+    def stats(self) -> dict:
+        n_layers = max(1, len(self.layers))
+        steps = max(1, self.steps)
+        kept = [l.kept_after_prefill for l in self.layers if l.kept_after_prefill is not None]
+        kv_bytes = sum(l.kv_bytes() for l in self.layers)
+        return {
+            "kept_tokens": sum(kept) / len(kept) if kept else 0.0,
+            "attended_tokens": self.attended_sum / (steps * n_layers),
+            "elements_read_per_step": self.elements_sum / steps,
+            "bytes_read_per_step": self.elements_sum * self.element_size / steps,
+            "stored_kv_bytes": float(kv_bytes),
+            "metadata_bytes": float(sum(l.meta_bytes() for l in self.layers)),
+            "decode_steps": self.steps,
+        }
+
+
+# ---------------------------------------------------------------------- attention and mask functions
+def _dense_fallback(query, key, value, scaling):
+    """No cache of ours (e.g. ``use_cache=False``): plain causal attention, queries aligned to the last keys."""
+    n, s = query.shape[-2], key.shape[-2]
+    mask = torch.ones(n, s, dtype=torch.bool, device=query.device).tril(s - n)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+def rocketkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = active_layer()
+    if layer is None or layer.keys is not key:
+        out = _dense_fallback(query, key, value, scaling)
+    else:
+        out = _attend(layer, query, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def rocketkv_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """Masks are built from stored positions inside the attention function; only padding is refused here."""
+    if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        raise NotImplementedError("padded batches are not supported with a compressed KV cache; "
+                                  "run one sequence at a time (batch size 1) or equal-length sequences")
+    return None
+
+
+AttentionInterface.register(ATTN_NAME, rocketkv_attention)
+AttentionMaskInterface.register(ATTN_NAME, rocketkv_mask)
+
+
+def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    state: GenerationState = layer.state
+    b, hq, n, d = query.shape
+    hkv = layer.keys.shape[1]
+    q = query.view(b, hkv, hq // hkv, n, d)
+    method = state.method_for(layer.layer_idx)
+    if not layer.compressed:
+        return _prefill(layer, state, method, query, q, scaling)
+    method.index(layer, state.plan)
+    return _decode_tokens(layer, state, method, q, layer.stored - n, scaling)
+
+
+def _prefill(layer, state, method, query, q, scaling):
+    n = query.shape[2]
+    if state.plan is None:
+        state.prompt_len = n
+        state.group_size = q.shape[2]
+        state.element_size = layer.keys.element_size()
+        state.plan = method_plan(state.method, n, state.max_new_tokens, q.shape[-1], state.model_max_len,
+                                 state.group_size)
+    split = n - 1 if method.decode_last_prompt_token and n >= 2 else n
+    hkv = layer.keys.shape[1]
+    prefix_out = F.scaled_dot_product_attention(query[:, :, :split], layer.keys[:, :, :split],
+                                                layer.values[:, :, :split], is_causal=True, scale=scaling,
+                                                enable_gqa=hkv != query.shape[1])
+    method.compress(layer, q, split, state.plan, scaling)
+    layer.compressed = True
+    layer.kept_after_prefill = _kept(layer, split)
+    if split == n:
+        return prefix_out
+    method.index(layer, state.plan)
+    last = _decode_tokens(layer, state, method, q[:, :, :, split:], layer.stored - (n - split), scaling)
+    return torch.cat([prefix_out, last], dim=2)
+
+
+def _kept(layer: CompressedLayer, prompt_len: int) -> float:
+    in_prompt = layer.positions < prompt_len
+    if layer.visible is not None:
+        in_prompt = in_prompt & layer.visible.any(dim=2)
+    return in_prompt.sum(-1).float().mean().item()
+
+
+def _decode_tokens(layer, state, method, q, first_slot, scaling):
+    """Decode-mode attention for the ``n`` newest stored slots; token i sees slots ``[0, first_slot + i]``."""
+    b, hkv, g, n, d = q.shape
+    outs = []
+    for i in range(n):
+        out, cost = method.decode(layer, q[:, :, :, i], first_slot + i + 1, state.plan, scaling)
+        state.record(layer.layer_idx, cost.attended, cost.elements)
+        outs.append(out.reshape(b, hkv * g, 1, d))
+    return torch.cat(outs, dim=2)
+
+
+def method_plan(method: Method, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None,
+                group_size: int = 1) -> dict:
+    return method.plan(prompt_len, max_new_tokens, head_dim, model_max_len, group_size=group_size)
+
+
+# ---------------------------------------------------------------------- the public context manager
+SUPPORTED_ATTN_IMPLS = ("eager", "sdpa", ATTN_NAME)
+
+
+class CompressionSession:
+    """Returned by ``compress``; ``stats()`` gives the statistics of the latest generation."""
+
+    def __init__(self, model, method: Method, max_new_tokens: int | None, model_max_len: int | None):
+        self.model = model
+        self.method = method
+        self.max_new_tokens = max_new_tokens
+        self.model_max_len = model_max_len
+        self.state: GenerationState | None = None
+
+    def new_cache(self, max_new_tokens: int | None = None) -> DynamicCache:
+        cache = DynamicCache()
+        self._install(cache, max_new_tokens)
+        return cache
+
+    def _install(self, cache: Cache, max_new_tokens: int | None = None) -> None:
+        n_layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
+        max_new = max_new_tokens or self.max_new_tokens or self.model.generation_config.max_new_tokens or 128
+        self.state = GenerationState(self.method, max_new, self.model_max_len)
+        cache.layers = [CompressedLayer(self.state, i) for i in range(n_layers)]
+        cache.layer_class_to_replicate = None
+        self.state.layers = cache.layers
+
+    def _pre_forward(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            if kwargs.get("use_cache") is False:
+                return None
+            kwargs["past_key_values"] = self.new_cache()
+            return args, kwargs
+        if not isinstance(cache, Cache):
+            raise TypeError(f"past_key_values of type {type(cache).__name__} is not supported; pass a transformers Cache")
+        if cache.layers and all(isinstance(l, CompressedLayer) for l in cache.layers):
+            return None
+        if cache.get_seq_length() > 0:
+            raise ValueError("the cache passed to the model already holds tokens that were not compressed; "
+                             "start from an empty cache inside `rocketkv.compress`")
+        bad = [type(l).__name__ for l in cache.layers if type(l) is not DynamicLayer]
+        if bad:
+            raise ValueError(f"unsupported cache layers {sorted(set(bad))}: rocketkv needs full-attention layers with a "
+                             "dynamic cache (no sliding-window, static, quantized or linear-attention layers)")
+        self._install(cache)
+        return None
+
+    def stats(self) -> dict:
+        return self.state.stats() if self.state is not None else {}
+
+    @property
+    def plan(self) -> dict | None:
+        return None if self.state is None else self.state.plan
+
+
+def check_model(model) -> None:
+    cfg = model.config.get_text_config(decoder=True)
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"{type(model).__name__} uses sliding-window attention (sliding_window={cfg.sliding_window}), "
+                         "which rocketkv does not support")
+    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"{type(model).__name__} has attention layer types {sorted(layer_types)}; "
+                         "rocketkv supports full-attention layers only")
+    if not getattr(model, "_supports_attention_backend", False) and not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"{type(model).__name__} does not use transformers' attention interface")
+    if getattr(cfg, "rope_parameters", None) is None and getattr(cfg, "rope_theta", None) is None:
+        raise ValueError(f"{type(model).__name__} has no RoPE-style attention (no rope parameters in its config); "
+                         "rocketkv supports RoPE decoder models (Llama, Mistral, Qwen2, ...)")
+
+
+@contextlib.contextmanager
+def compress(model, method: str = "rocketkv", budget: int | None = 256, max_new_tokens: int | None = None,
+             model_max_len: int | None = None, **overrides: Any):
+    """Compress the KV cache of every forward pass of ``model`` inside the ``with`` block.
+
+    ``max_new_tokens`` is the decode length the budget split plans for (RocketKV's capacity); by default the
+    model's ``generation_config.max_new_tokens`` or 128.  ``model_max_len`` caps the planned sequence length.
+    """
+    m = make_method(method, budget=budget, **overrides)
+    check_model(model)
+    session = CompressionSession(model, m, max_new_tokens, model_max_len)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    handle = model.register_forward_pre_hook(session._pre_forward, with_kwargs=True)
+    try:
+        yield session
+    finally:
+        handle.remove()
+        model.set_attn_implementation(previous)
+
+
+def resolve_budget(method: str, budget: int | None, prompt_len: int, max_new_tokens: int, head_dim: int,
+                   model_max_len: int | None = None, group_size: int = 1, **overrides: Any) -> dict:
+    """The concrete parameters ``method`` uses for one sample (pure, cheap)."""
+    m = make_method(method, budget=budget, **overrides)
+    return method_plan(m, prompt_len, max_new_tokens, head_dim, model_max_len, group_size)

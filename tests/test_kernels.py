@@ -1,0 +1,242 @@
+"""rocketkv.kernels: torch path vs naive per-head references, triton path vs torch path.
+
+Triton on CPU runs in a subprocess with TRITON_INTERPRET=1 (it must be set before
+triton is imported, and this module must not change global state). On CUDA the
+same comparisons run directly on the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rocketkv import kernels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECK_SCRIPT = Path(__file__).resolve().parent / "triton_interpret_check.py"
+
+
+def _load_check_module():
+    # Loaded by path so it works whether or not tests/ is a package.
+    spec = importlib.util.spec_from_file_location("triton_interpret_check", CHECK_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_check = _load_check_module()
+make_page_inputs, make_sparse_inputs, run_checks = _check.make_page_inputs, _check.make_sparse_inputs, _check.run_checks
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (batch, kv_heads, group, head_dim, num_pages, num_channels)
+PAGE_SHAPES = [
+    (1, 2, 1, 16, 37, 1),
+    (2, 3, 4, 16, 100, 16),
+    (2, 3, 4, 32, 129, 5),
+    (1, 2, 1, 24, 37, 24),
+]
+# (batch, kv_heads, group, head_dim, stored_tokens, selected)
+SPARSE_SHAPES = [
+    (1, 2, 1, 16, 37, 37),
+    (2, 3, 4, 32, 129, 100),
+    (2, 3, 4, 24, 100, 37),
+    (1, 2, 4, 32, 300, 129),
+]
+
+
+def naive_rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs):
+    batch, kv_heads, group, _ = q.shape
+    out = torch.zeros(batch, kv_heads, group, page_max_t.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            for m, channel in enumerate(channels[b, h].tolist()):
+                bound = page_max_t if signs[b, h, m] > 0 else page_min_t
+                row = bound[b, h, channel].double()
+                out[b, h] += q[b, h, :, channel].double()[:, None] * row[None, :]
+    return out
+
+
+def naive_quest_page_scores(q, page_min_t, page_max_t):
+    q64, min64, max64 = q.double(), page_min_t.double(), page_max_t.double()
+    with_min = torch.einsum("bhgd,bhdp->bhgdp", q64, min64)
+    with_max = torch.einsum("bhgd,bhdp->bhgdp", q64, max64)
+    return torch.maximum(with_min, with_max).sum(dim=3)
+
+
+def naive_attention(q, keys, values, scale, slots_per_head):
+    """slots_per_head(b, h, i) -> list of slot ids attended by query head i of KV head h."""
+    batch, kv_heads, group, head_dim = q.shape
+    out = torch.zeros(batch, kv_heads, group, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            for i in range(group):
+                slots = slots_per_head(b, h, i)
+                if not slots:
+                    continue
+                k = keys[b, h, slots].double()
+                v = values[b, h, slots].double()
+                weights = torch.softmax(scale * (k @ q[b, h, i].double()), dim=0)
+                out[b, h, i] = weights @ v
+    return out
+
+
+def naive_sparse_attention(q, keys, values, indices, scale):
+    return naive_attention(
+        q, keys, values, scale, lambda b, h, i: [s for s in indices[b, h].tolist() if s >= 0]
+    )
+
+
+def _close(got, want, atol, rtol=1e-4):
+    torch.testing.assert_close(got.cpu().double(), want.double(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", PAGE_SHAPES, ids=str)
+def test_rocketkv_page_scores_torch(device, shape):
+    q, page_min_t, page_max_t, channels, signs = make_page_inputs(*shape, torch.float32, device)
+    got = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="torch")
+    assert got.dtype == torch.float32 and got.shape == shape[:3] + (shape[4],)
+    want = naive_rocketkv_page_scores(*(t.cpu() for t in (q, page_min_t, page_max_t, channels, signs)))
+    _close(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", PAGE_SHAPES, ids=str)
+def test_quest_page_scores_torch(device, shape):
+    q, page_min_t, page_max_t, _, _ = make_page_inputs(*shape, torch.float32, device)
+    got = kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch")
+    assert got.dtype == torch.float32 and got.shape == shape[:3] + (shape[4],)
+    _close(got, naive_quest_page_scores(q.cpu(), page_min_t.cpu(), page_max_t.cpu()), atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rocketkv_all_channels_with_matching_signs_equals_quest(device):
+    """With r = d and signs = sign(q) (g = 1) the RocketKV bound is exactly Quest's."""
+    q, page_min_t, page_max_t, _, _ = make_page_inputs(1, 2, 1, 16, 37, 16, torch.float32, device)
+    channels = torch.arange(16, device=device).expand(1, 2, 16).contiguous()
+    signs = torch.where(q[:, :, 0] >= 0, 1.0, -1.0)
+    rocket = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="torch")
+    quest = kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch")
+    _close(rocket, quest.cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=str)
+def test_sparse_decode_attention_torch(device, shape):
+    q, keys, values, indices = make_sparse_inputs(*shape, torch.float32, device)
+    scale = shape[3] ** -0.5
+    got = kernels.sparse_decode_attention(q, keys, values, indices, scale, backend="torch")
+    assert got.dtype == q.dtype and got.shape == q.shape
+    want = naive_sparse_attention(q.cpu(), keys.cpu(), values.cpu(), indices.cpu(), scale)
+    _close(got, want, atol=1e-5)
+    if shape[0] * shape[1] > 1:  # the builder pads the last row completely
+        assert torch.all(got[-1, -1] == 0)
+
+
+def test_sparse_decode_attention_with_nothing_selected_returns_zeros():
+    q, keys, values, _ = make_sparse_inputs(1, 2, 4, 16, 5, 1, torch.float32, "cpu")
+    no_slots = torch.empty(1, 2, 0, dtype=torch.long)
+    out = kernels.sparse_decode_attention(q, keys, values, no_slots, 0.25, backend="torch")
+    assert out.shape == q.shape and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_decode_attention_torch_half(device, dtype):
+    q, keys, values, indices = make_sparse_inputs(2, 3, 4, 32, 129, 100, dtype, device)
+    got = kernels.sparse_decode_attention(q, keys, values, indices, 0.2, backend="torch")
+    assert got.dtype == dtype
+    want = naive_sparse_attention(q.cpu(), keys.cpu(), values.cpu(), indices.cpu(), 0.2)
+    _close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_rank", [None, 3, 4])
+def test_dense_decode_attention(device, mask_rank):
+    batch, kv_heads, group, head_dim, stored = 2, 3, 4, 24, 37
+    q, keys, values, _ = make_sparse_inputs(batch, kv_heads, group, head_dim, stored, 1, torch.float32, device)
+    gen = torch.Generator().manual_seed(5)
+    valid = None
+    if mask_rank == 3:
+        valid = torch.rand(batch, kv_heads, stored, generator=gen) < 0.6
+        valid[0, 1] = False
+    elif mask_rank == 4:
+        valid = torch.rand(batch, kv_heads, group, stored, generator=gen) < 0.6
+        valid[1, 2, 3] = False
+    got = kernels.dense_decode_attention(q, keys, values, 0.3, None if valid is None else valid.to(device))
+
+    def slots(b, h, i):
+        if valid is None:
+            return list(range(stored))
+        row = valid[b, h] if valid.dim() == 3 else valid[b, h, i]
+        return row.nonzero().flatten().tolist()
+
+    _close(got, naive_attention(q.cpu(), keys.cpu(), values.cpu(), 0.3, slots), atol=1e-5)
+    if mask_rank is not None:
+        empty = got[0, 1] if mask_rank == 3 else got[1, 2, 3]
+        assert torch.all(empty == 0)
+
+
+def test_sparse_with_all_slots_matches_dense():
+    q, keys, values, _ = make_sparse_inputs(1, 2, 4, 32, 37, 1, torch.float32, "cpu")
+    every_slot = torch.arange(37).expand(1, 2, 37).contiguous()
+    sparse = kernels.sparse_decode_attention(q, keys, values, every_slot, 0.2, backend="torch")
+    _close(sparse, kernels.dense_decode_attention(q, keys, values, 0.2), atol=1e-6)
+
+
+def test_auto_backend_on_cpu_is_torch_and_bad_backend_raises():
+    q, page_min_t, page_max_t, _, _ = make_page_inputs(1, 2, 4, 16, 9, 4, torch.float32, "cpu")
+    auto = kernels.quest_page_scores(q, page_min_t, page_max_t)
+    assert torch.equal(auto, kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch"))
+    with pytest.raises(ValueError, match="backend"):
+        kernels.quest_page_scores(q, page_min_t, page_max_t, backend="cuda")
+
+
+def _run_python(args, extra_env):
+    env = dict(os.environ, **extra_env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, rocketkv.kernels as k\n"
+        "assert not k.triton_available()\n"
+        "q = torch.randn(1, 1, 2, 16); keys = torch.randn(1, 1, 5, 16)\n"
+        "out = k.sparse_decode_attention(q, keys, keys, torch.tensor([[[0, 3, -1]]]), 0.25)\n"
+        "assert out.shape == q.shape\n"
+    )
+    result = _run_python(["-c", code], {})
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed; the triton backend cannot be checked")
+@pytest.mark.parametrize("kernel", ["page_scores", "sparse_decode"])
+def test_triton_matches_torch_in_interpreter(kernel):
+    result = _run_python([str(CHECK_SCRIPT), "--kernel", kernel, "--device", "cpu"], {"TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("kernel", ["page_scores", "sparse_decode"])
+def test_triton_matches_torch_on_cuda(kernel):
+    all_ok, lines = run_checks("cuda", kernel)
+    assert all_ok, "\n".join(lines)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+def test_auto_backend_on_cuda_uses_triton_and_falls_back_for_odd_head_dim():
+    q, keys, values, indices = make_sparse_inputs(1, 2, 4, 24, 40, 17, torch.float16, "cuda")
+    got = kernels.sparse_decode_attention(q, keys, values, indices, 0.2)
+    want = kernels.sparse_decode_attention(q, keys, values, indices, 0.2, backend="torch")
+    torch.testing.assert_close(got, want)
