@@ -33,6 +33,8 @@ class CompressedLayer(DynamicLayer):
         self.compressed = False
         self.n_indexed = 0  # slots covered by method metadata (pages)
         self.kept_after_prefill: float | None = None
+        self.captured_q: torch.Tensor | None = None  # last prefill queries, kept for a shared-prefill grid
+        self.captured_scaling: float | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)

@@ -28,38 +28,66 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def forward(model, token_ids: list[int], cache) -> torch.Tensor:
+    """Logits of the last position after feeding ``token_ids`` into ``cache``."""
+    ids = torch.tensor([token_ids], device=model.device)
+    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
 
 @torch.inference_mode()
-def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, cache,
-                    stop: list[str] | None = None) -> Generation:
-    device = model.device
+def prefill(model, prompt_ids: list[int], cache, split_last: bool) -> tuple[torch.Tensor, float]:
+    """Prefill the prompt; with ``split_last`` the last prompt token is fed as a separate (first decode) step."""
+    with Timer(model.device) as t:
+        if split_last and len(prompt_ids) >= 2:
+            forward(model, prompt_ids[:-1], cache)
+            logits = forward(model, prompt_ids[-1:], cache)
+        else:
+            logits = forward(model, prompt_ids, cache)
+    return logits, t.seconds
+
+
+@torch.inference_mode()
+def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int,
+           stop: list[str] | None = None) -> tuple[list[int], str, float]:
+    """Greedy tokens from ``logits`` on: stops at EOS, a stop string (cut from the text) or ``max_new_tokens``."""
     stop = [s for s in (stop or []) if s]
     eos = eos_token_ids(model, tokenizer)
-    ids = torch.tensor([prompt_ids], device=device)
-    t0 = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    _sync(device)
-    t1 = time.perf_counter()
     new: list[int] = []
     text = ""
-    while True:
-        token = int(logits[0, -1].argmax())
-        if token in eos:
-            break
-        new.append(token)
-        if stop:
-            text, hit = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
-            if hit:
+    with Timer(model.device) as t:
+        while True:
+            token = int(logits.argmax())
+            if token in eos:
                 break
-        if len(new) >= max_new_tokens:
-            break
-        logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
-    _sync(device)
-    t2 = time.perf_counter()
+            new.append(token)
+            if stop:
+                text, hit = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+                if hit:
+                    break
+            if len(new) >= max_new_tokens:
+                break
+            logits = forward(model, [token], cache)
     if not stop:
         text = tokenizer.decode(new, skip_special_tokens=True)
-    return Generation(new, text, t1 - t0, t2 - t1)
+    return new, text, t.seconds
+
+
+def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, cache,
+                    stop: list[str] | None = None, split_last: bool = False) -> Generation:
+    logits, t_prefill = prefill(model, prompt_ids, cache, split_last)
+    tokens, text, t_decode = decode(model, tokenizer, logits, cache, max_new_tokens, stop)
+    return Generation(tokens, text, t_prefill, t_decode)

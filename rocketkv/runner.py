@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from evals.base import Sample, Task, stable_hash
-from rocketkv.generation import greedy_generate
-from rocketkv.methods import make_method
+from rocketkv.generation import Timer, decode, forward, greedy_generate
+from rocketkv.methods import METHODS, Method, make_method
 from rocketkv.models import ModelSpec, load_model
 from rocketkv.prompting import prompt_token_ids
 from rocketkv.results import PredictionLog, environment, run_dir, write_json_atomic, code_version
@@ -21,6 +22,7 @@ from rocketkv.session import compress
 
 log = logging.getLogger(__name__)
 
+METHOD_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
 STAT_KEYS = ("kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes")
 
 
@@ -77,23 +79,108 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, method_name: str, budget: int | None,
-               options: dict, task: Task) -> dict:
-    ids = prompt_token_ids(tokenizer, sample, spec.chat_template, spec.max_len)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    with compress(model, method=method_name, budget=budget, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len, **options) as session:
-        cache = session.new_cache(sample.max_new_tokens)
-        gen = greedy_generate(model, tokenizer, ids, sample.max_new_tokens, cache, stop=sample.stop)
+@dataclass
+class Cell:
+    """One (method, budget) configuration of a run or a grid, with its results folder."""
+
+    cfg: DictConfig  # the config a separate run of this cell would have
+    method: Method
+    options: dict
+    budget: int | None
+    out_dir: Path
+    preds: PredictionLog
+    config_hash: str
+
+    @property
+    def name(self) -> str:
+        return self.cfg.method.name
+
+    @property
+    def label(self) -> str:
+        return f"{self.cfg.task.name}/{self.out_dir.parts[-4]}/{self.name}@{self.budget or 'full'}"
+
+
+def make_cell(cfg: DictConfig, model_name: str, shard: tuple[int, int] | None) -> Cell:
+    options = method_options(cfg)
+    method = make_method(cfg.method.name, budget=cfg.budget, **options)  # bad budgets fail before any loading
+    budget = cfg.budget if method.uses_budget else None
+    chash = config_hash(cfg, method.uses_budget)
+    out_dir = run_dir(cfg.output_dir, cfg.task.name, model_name, cfg.method.name, budget, chash)
+    return Cell(cfg, method, options, budget, out_dir, PredictionLog(out_dir / predictions_name(shard)), chash)
+
+
+def grid_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The separate-run configs a grid stands for (just ``cfg`` when no grid is given)."""
+    grid = cfg.get("grid") or {}
+    methods, budgets = list(grid.get("methods") or []), list(grid.get("budgets") or [])
+    if not methods and not budgets:
+        return [cfg]
+    methods = methods or [cfg.method.name]
+    budgets = budgets or [cfg.budget]
+    out = []
+    for name in methods:
+        method_file = METHOD_CONF_DIR / f"{name}.yaml"
+        if not method_file.is_file():
+            valid = sorted(p.stem for p in METHOD_CONF_DIR.glob("*.yaml"))
+            raise ValueError(f"grid.methods: unknown method {name!r}; valid methods: {valid}")
+        method_cfg = OmegaConf.load(method_file) if name != cfg.method.name else cfg.method
+        uses_budget = METHODS[method_cfg.name].uses_budget
+        for budget in budgets if uses_budget else [cfg.budget]:
+            cell = OmegaConf.merge(cfg, {"grid": {"methods": [], "budgets": []}})
+            cell.method = method_cfg
+            cell.budget = budget
+            out.append(cell)
+    return out
+
+
+def sample_record(sample: Sample, ids: list[int], text: str, new_tokens: int, t_prefill: float, t_decode: float,
+                  session, task: Task, device: torch.device) -> dict:
     stats = session.stats()
     return {
         "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(ids),
-        "prediction": gen.text, "references": sample.references, "score": task.score(sample, gen.text),
-        "new_tokens": len(gen.token_ids), "time_prefill_s": gen.time_prefill_s, "time_decode_s": gen.time_decode_s,
-        "peak_mem_bytes": peak_memory_bytes(model.device), "stats": {k: stats.get(k) for k in STAT_KEYS},
+        "prediction": text, "references": sample.references, "score": task.score(sample, text),
+        "new_tokens": new_tokens, "time_prefill_s": t_prefill, "time_decode_s": t_decode,
+        "peak_mem_bytes": peak_memory_bytes(device), "stats": {k: stats.get(k) for k in STAT_KEYS},
         "budget_params": session.plan or {},
     }
+
+
+def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cell: Cell, task: Task) -> dict:
+    """One sample of one cell with its own prefill."""
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    split = cell.method.decode_last_prompt_token
+    with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
+                  model_max_len=spec.max_len, **cell.options) as session:
+        cache = session.new_cache(sample.max_new_tokens, prompt_len=len(ids) if split else None)
+        gen = greedy_generate(model, tokenizer, ids, sample.max_new_tokens, cache, stop=sample.stop, split_last=split)
+    return sample_record(sample, ids, gen.text, len(gen.token_ids), gen.time_prefill_s, gen.time_decode_s, session,
+                         task, model.device)
+
+
+def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
+                             task: Task) -> list[dict]:
+    """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it."""
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    window = max(c.method.window for c in cells)
+    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
+                  model_max_len=spec.max_len) as base:
+        shared = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
+        with Timer(model.device) as t_shared, torch.inference_mode():
+            forward(model, ids[:-1], shared)
+    records = []
+    for cell in cells:
+        with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
+                      model_max_len=spec.max_len, **cell.options) as session:
+            with Timer(model.device) as t_last, torch.inference_mode():
+                cache = session.fork(shared, sample.max_new_tokens)
+                logits = forward(model, ids[-1:], cache)
+            tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop)
+        del cache
+        records.append(sample_record(sample, ids, text, len(tokens), t_shared.seconds + t_last.seconds, t_decode,
+                                     session, task, model.device))
+    return records
 
 
 def summarise(task: Task, records: list[dict], run_info: dict) -> dict:
@@ -114,43 +201,58 @@ def summarise(task: Task, records: list[dict], run_info: dict) -> dict:
     return metrics
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run (or resume) one configuration; returns metrics.json's content."""
+def run(cfg: DictConfig) -> list[dict]:
+    """Run (or resume) one configuration, or every cell of ``grid.methods`` x ``grid.budgets`` with one
+    prefill per sample; returns the metrics of each cell."""
     task = build_task(cfg.task)
-    options = method_options(cfg)
-    method = make_method(cfg.method.name, budget=cfg.budget, **options)  # bad budgets fail before any loading
-    budget = cfg.budget if method.uses_budget else None
     spec = ModelSpec.from_cfg(OmegaConf.to_container(cfg.model, resolve=True))
     task.validate(spec.max_len)
     shard = parse_shard(cfg.get("shard"))
-    chash = config_hash(cfg, method.uses_budget)
-    out_dir = run_dir(cfg.output_dir, cfg.task.name, spec.name, cfg.method.name, budget, chash)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    preds = PredictionLog(out_dir / predictions_name(shard))
+    cells = [make_cell(c, spec.name, shard) for c in grid_configs(cfg)]
+    for cell in cells:
+        cell.out_dir.mkdir(parents=True, exist_ok=True)
+        (cell.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cell.cfg, resolve=True))
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(spec)
-    write_json_atomic(out_dir / "env.json", environment(str(model.device)))
+    env = environment(str(model.device))
+    for cell in cells:
+        write_json_atomic(cell.out_dir / "env.json", env)
     samples = select_samples(task.samples(tokenizer, spec.max_len), cfg.get("limit"), shard)
-    todo = [s for s in samples if s.id not in preds.done()]
-    desc = f"{cfg.task.name}/{spec.name}/{cfg.method.name}@{budget if budget is not None else 'full'}"
+    todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
+    desc = cells[0].label if len(cells) == 1 else f"{cfg.task.name}/{spec.name}/grid of {len(cells)}"
     for sample in tqdm(todo, desc=desc, disable=not cfg.get("progress", True), dynamic_ncols=True):
-        preds.append(run_sample(model, tokenizer, spec, sample, cfg.method.name, budget, options, task))
+        ids = prompt_token_ids(tokenizer, sample, spec.chat_template, spec.max_len)
+        pending = [c for c in cells if sample.id not in c.preds.done()]
+        shareable = [c for c in pending if c.method.decode_last_prompt_token and len(ids) >= 2]
+        if len(shareable) < 2:
+            shareable = []
+        for cell, record in zip(shareable, run_cells_shared_prefill(model, tokenizer, spec, sample, ids, shareable,
+                                                                    task) if shareable else []):
+            cell.preds.append(record)
+        for cell in pending:
+            if cell not in shareable:
+                cell.preds.append(run_sample(model, tokenizer, spec, sample, ids, cell, task))
 
-    wanted = [s.id for s in samples]
-    records = [preds.records[i] for i in wanted if i in preds.records]
-    run_info = {"task": cfg.task.name, "model": spec.name, "method": cfg.method.name, "budget": budget,
-                "config_hash": chash, "protocol_hash": stable_hash(task.protocol()), "protocol": task.protocol(),
-                "code_version": code_version(), "complete": len(records) == len(wanted), "n_expected": len(wanted),
-                "results_dir": str(out_dir)}
-    run_info["shard"] = None if shard is None else f"{shard[0]}/{shard[1]}"
-    metrics = summarise(task, records, run_info)
-    write_json_atomic(out_dir / ("metrics.json" if shard is None else f"metrics.shard-{shard[0]}-of-{shard[1]}.json"),
-                      metrics)
+    results = [finish_cell(cell, task, spec, samples, shard) for cell in cells]
     if cfg.get("update_leaderboard", True):
         from rocketkv.report import update_leaderboard
 
         update_leaderboard(cfg.output_dir, plots=False)
-    print(f"{desc}: score {metrics['score']:.2f} over {len(records)} samples -> {out_dir}")
+    for cell, metrics in zip(cells, results):
+        print(f"{cell.label}: score {metrics['score']:.2f} over {metrics['n_samples']} samples -> {cell.out_dir}")
+    return results
+
+
+def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], shard) -> dict:
+    wanted = [s.id for s in samples]
+    records = [cell.preds.records[i] for i in wanted if i in cell.preds.records]
+    run_info = {"task": cell.cfg.task.name, "model": spec.name, "method": cell.name, "budget": cell.budget,
+                "config_hash": cell.config_hash, "protocol_hash": stable_hash(task.protocol()),
+                "protocol": task.protocol(), "code_version": code_version(),
+                "complete": len(records) == len(wanted), "n_expected": len(wanted),
+                "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
+    metrics = summarise(task, records, run_info)
+    name = "metrics.json" if shard is None else f"metrics.shard-{shard[0]}-of-{shard[1]}.json"
+    write_json_atomic(cell.out_dir / name, metrics)
     return metrics

@@ -40,6 +40,8 @@ class GenerationState:
     elements_sum: float = 0.0
     element_size: int = 4
     layers: list = field(default_factory=list)
+    split_prefill: bool = True  # the first forward holds the whole prompt: its last token is decoded separately
+    capture_window: int = 0  # keep this many last prefill queries per layer (shared prefill of a grid)
 
     def method_for(self, layer_idx: int) -> Method:
         return self.dense if layer_idx < self.method.skip_layers else self.method
@@ -112,24 +114,31 @@ def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torc
 def _prefill(layer, state, method, query, q, scaling):
     n = query.shape[2]
     if state.plan is None:
-        state.prompt_len = n
+        state.prompt_len = state.prompt_len or n
         state.group_size = q.shape[2]
         state.element_size = layer.keys.element_size()
-        state.plan = method_plan(state.method, n, state.max_new_tokens, q.shape[-1], state.model_max_len,
-                                 state.group_size)
-    split = n - 1 if method.decode_last_prompt_token and n >= 2 else n
+        state.plan = method_plan(state.method, state.prompt_len, state.max_new_tokens, q.shape[-1],
+                                 state.model_max_len, state.group_size)
+    split = n - 1 if method.decode_last_prompt_token and state.split_prefill and n >= 2 else n
     hkv = layer.keys.shape[1]
+    if state.capture_window:
+        layer.captured_q = q[..., max(0, split - state.capture_window):split, :]
+        layer.captured_scaling = scaling
     prefix_out = F.scaled_dot_product_attention(query[:, :, :split], layer.keys[:, :, :split],
                                                 layer.values[:, :, :split], is_causal=True, scale=scaling,
                                                 enable_gqa=hkv != query.shape[1])
-    method.compress(layer, q, split, state.plan, scaling)
-    layer.compressed = True
-    layer.kept_after_prefill = _kept(layer, split)
+    _compress_layer(layer, method, q[..., :split, :], split, state.plan, scaling)
     if split == n:
         return prefix_out
     method.index(layer, state.plan)
     last = _decode_tokens(layer, state, method, q[:, :, :, split:], layer.stored - (n - split), scaling)
     return torch.cat([prefix_out, last], dim=2)
+
+
+def _compress_layer(layer, method, q_window, prompt_len, plan, scaling) -> None:
+    method.compress(layer, q_window, prompt_len, plan, scaling)
+    layer.compressed = True
+    layer.kept_after_prefill = _kept(layer, prompt_len)
 
 
 def _kept(layer: CompressedLayer, prompt_len: int) -> float:
@@ -169,9 +178,47 @@ class CompressionSession:
         self.model_max_len = model_max_len
         self.state: GenerationState | None = None
 
-    def new_cache(self, max_new_tokens: int | None = None) -> DynamicCache:
+    def new_cache(self, max_new_tokens: int | None = None, prompt_len: int | None = None,
+                  capture_window: int = 0) -> DynamicCache:
+        """A fresh compressed cache.
+
+        With ``prompt_len`` the caller feeds ``prompt[:-1]`` and then the last prompt token itself (the paper's
+        "last prompt token is the first decode step"); the budget is planned for ``prompt_len``.
+        ``capture_window`` keeps the last queries of the prefill so ``fork`` can compress it later.
+        """
         cache = DynamicCache()
         self._install(cache, max_new_tokens)
+        if prompt_len is not None:
+            self.state.prompt_len = prompt_len
+            self.state.split_prefill = False
+        self.state.capture_window = capture_window
+        return cache
+
+    def fork(self, shared: DynamicCache, max_new_tokens: int | None = None) -> DynamicCache:
+        """This session's compressed cache built from a shared dense prefill of ``prompt[:-1]``.
+
+        ``shared`` comes from ``new_cache(prompt_len=..., capture_window=...)`` of a ``full`` session after the
+        prefill forward.  Its tensors are only read: eviction gathers into new tensors.
+        """
+        source: GenerationState = shared.layers[0].state
+        cache = DynamicCache()
+        self._install(cache, max_new_tokens)
+        state = self.state
+        state.prompt_len, state.split_prefill = source.prompt_len, False
+        state.group_size, state.element_size = source.group_size, source.element_size
+        first = shared.layers[0]
+        head_dim = first.keys.shape[-1]
+        state.plan = method_plan(self.method, state.prompt_len, state.max_new_tokens, head_dim, state.model_max_len,
+                                 state.group_size)
+        for src, layer in zip(shared.layers, cache.layers):
+            if src.captured_q is None or src.captured_q.shape[-2] < min(self.method.window, src.stored):
+                raise ValueError("the shared prefill kept fewer queries than this method's window; "
+                                 "create it with capture_window >= the largest window")
+            layer.lazy_initialization(src.keys, src.values)
+            layer.keys, layer.values, layer.positions = src.keys, src.values, src.positions
+            layer.seen = src.seen
+            _compress_layer(layer, state.method_for(layer.layer_idx), src.captured_q, src.stored, state.plan,
+                            src.captured_scaling)
         return cache
 
     def _install(self, cache: Cache, max_new_tokens: int | None = None) -> None:

@@ -119,20 +119,25 @@ def test_count_score():
 
 
 # ---------------------------------------------------------------- code_sim_score / fuzzywuzzy ratio
-@pytest.mark.parametrize("a, b, expected", [
+@pytest.mark.parametrize("a, b, lcs, expected", [
     # fuzzywuzzy: int(round(100 * 2*LCS / (len(a) + len(b)))), Python's round (half to even)
-    ("abcd", "abce", 75),          # LCS 3, 2*3/8 = 0.75 -> 75
-    ("abc", "abd", 67),            # LCS 2, 2*2/6 = 66.67 -> 67
-    ("kitten", "sitting", 62),     # LCS "ittn" 4, 2*4/13 = 61.54 -> 62
-    ("abcdefgh", "abcdexyz", 62),  # LCS 5, 2*5/16 = 62.5 exactly -> 62 (half to even)
-    ("abcdefgh", "abcdefgz", 88),  # LCS 7, 2*7/16 = 87.5 exactly -> 88 (half to even)
-    ("", "abc", 0),                # one empty string: 0
-    ("", "", 100),                 # equal strings: 100
+    ("abcd", "abce", 3, 75),          # 2*3/8 = 0.75 -> 75
+    ("abc", "abd", 2, 67),            # 2*2/6 = 66.67 -> 67
+    ("kitten", "sitting", 4, 62),     # LCS "ittn": 2*4/13 = 61.54 -> 62
+    ("abcdefgh", "abcdexyz", 5, 62),  # 2*5/16 = 62.5 exactly -> 62 (half to even)
+    ("abcdefgh", "abcdefgz", 7, 88),  # 2*7/16 = 87.5 exactly -> 88 (half to even)
 ])
-def test_fuzzywuzzy_ratio_hand_checked(a, b, expected):
+def test_fuzzywuzzy_ratio_hand_checked(a, b, lcs, expected):
+    # rapidfuzz's unrounded float is the python-Levenshtein ratio fuzzywuzzy rounds
+    assert fuzz.ratio(a, b) == pytest.approx(100 * 2 * lcs / (len(a) + len(b)))
     assert fuzzywuzzy_ratio(a, b) == expected
-    # rapidfuzz's unrounded float is the same ratio: 100 * 2*LCS / total
-    assert fuzz.ratio(a, b) == pytest.approx(expected, abs=0.5)
+
+
+def test_fuzzywuzzy_ratio_empty_strings():
+    # fuzzywuzzy: equal strings give 100 (checked before emptiness), one empty string gives 0
+    assert fuzzywuzzy_ratio("", "") == 100
+    assert fuzzywuzzy_ratio("", "abc") == 0
+    assert fuzzywuzzy_ratio("abc", "") == 0
 
 
 def test_code_sim_takes_first_line_that_is_not_a_comment_or_fence():

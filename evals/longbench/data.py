@@ -37,11 +37,6 @@ class DataSource:
     hub_split: str = "test"
     cache_dir: str | None = None
 
-    def describe(self) -> str:
-        if self.data_dir:
-            return f"task.data_dir={self.data_dir}"
-        return f"task.hub_repo={self.hub_repo} (revision {self.hub_revision or 'latest'})"
-
 
 def file_stem(subset: str, variant: str) -> str:
     return f"{subset}_e" if variant == "e" else subset
@@ -123,8 +118,9 @@ def _check_unique_ids(rows: list[dict], where: str) -> None:
         seen[row["_id"]] = number
 
 
-def _locate_bad_row(path: Path, needs_classes: bool) -> None:
-    """Raise the precise error for a file that the Arrow JSON reader refused (mixed types, bad JSON ...)."""
+def check_jsonl_file(path: Path, needs_classes: bool = False) -> None:
+    """Check every raw line: the Arrow JSON reader behind ``datasets`` silently casts some wrong types (a string
+    "12" in an integer column) and fills absent keys with null, so its rows cannot name the faulty one."""
     with open(path, encoding="utf-8") as f:
         number = 0
         for line in f:
@@ -141,19 +137,12 @@ def _locate_bad_row(path: Path, needs_classes: bool) -> None:
 def load_jsonl_rows(path: Path, needs_classes: bool = False, cache_dir: str | None = None) -> list[dict]:
     import datasets
 
+    check_jsonl_file(path, needs_classes)
     try:
         table = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as err:
-        _locate_bad_row(path, needs_classes)
         raise MalformedRowError(f"{path}: datasets could not read it as JSON lines: {err}") from err
-    try:
-        rows = [check_row(row, str(path), number, needs_classes)
-                for number, row in enumerate(table.to_list(), start=1)]
-    except MalformedRowError:
-        # Arrow unifies a column's type across rows (and fills absent keys with null), which can move the fault
-        # onto a good row; the raw lines name the row that is actually wrong.
-        _locate_bad_row(path, needs_classes)
-        raise
+    rows = [check_row(row, str(path), number, needs_classes) for number, row in enumerate(table.to_list(), start=1)]
     _check_unique_ids(rows, str(path))
     return rows
 

@@ -40,7 +40,8 @@ PROMPT_TEMPLATES: dict[str, str] = {
     "multi_news": "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\n"
                   "Now, write a one-page summary of all the news.\n\nSummary:",
     "vcsum": "下面有一段会议记录，请你阅读后，写一段总结，总结会议的内容。\n会议记录：\n{context}\n\n会议总结：",
-    "trec": "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n{input}",
+    "trec": "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n"
+            "{input}",
     "triviaqa": "Answer the question based on the given passage. Only give me the answer and do not output any other "
                 "words. The following are some examples.\n\n{context}\n\n{input}",
     "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from typing import Any
 
 from evals.base import Sample, Task
@@ -27,7 +28,7 @@ class LongBenchTask(Task):
         super().__init__(cfg)
         self.variant = str(cfg.get("variant", "standard"))
         self.source = DataSource(
-            data_dir=cfg.get("data_dir", None) or None,
+            data_dir=os.path.expanduser(str(cfg.get("data_dir"))) if cfg.get("data_dir", None) else None,
             hub_repo=cfg.get("hub_repo", None) or DEFAULT_HUB_REPO,
             hub_revision=cfg.get("hub_revision", None) or None,
             hub_split=cfg.get("hub_split", None) or "test",

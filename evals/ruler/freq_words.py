@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import string
+from functools import lru_cache
 from typing import Any
 
 from evals.ruler.generation import Draft
@@ -12,6 +13,7 @@ from evals.ruler.templates import FAMILIES
 CODED_WORD_LEN = 6
 
 
+@lru_cache(maxsize=None)
 def zeta(alpha: float, terms: int = 100_000) -> float:
     head = sum(k ** -alpha for k in range(1, terms))
     return head + terms ** (1 - alpha) / (alpha - 1)  # integral bound for the tail

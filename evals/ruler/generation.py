@@ -46,32 +46,38 @@ def count_tokens(tokenizer: Any, sample: Sample) -> int:
     return len(prompt_token_ids(tokenizer, sample, model_chat=True, model_max_len=NO_TRUNCATION))
 
 
-def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int, hint: int | None = None) -> int | None:
-    """Largest ``n`` in ``[lo, hi]`` with ``fits(n)``, for ``fits`` true up to some ``n`` and false after it.
+def largest_fitting(cost: Callable[[int], int], budget: int, lo: int, hi: int, hint: int | None = None
+                    ) -> int | None:
+    """Largest ``n`` in ``[lo, hi]`` with ``cost(n) <= budget``, for ``cost`` (near enough) increasing in ``n``.
 
-    Starting from ``hint`` (the previous sample's answer) usually needs a handful of calls, not ``log2(hi)``.
+    The search starts from ``hint`` (the previous sample's answer) or, for the first sample, from a linear
+    estimate through two measured sizes, then gallops and bisects: a handful of ``cost`` calls, not ``log2(hi)``.
     """
-    if hi < lo or not fits(lo):
+    if hi < lo or cost(lo) > budget:
         return None
-    good, bad = lo, hi + 1  # fits(good) holds; bad is past the end or known not to fit
+    if hint is None and hi > lo:
+        probe = min(hi, 2 * lo + 8)
+        slope = (cost(probe) - cost(lo)) / (probe - lo)
+        hint = int(lo + (budget - cost(lo)) / slope) if slope > 0 else hi
+    good, bad = lo, hi + 1  # cost(good) fits; bad is past the end or known not to fit
     if hint is not None and lo < hint <= hi:
-        step = max(1, hint // 64)
-        if fits(hint):
+        step = max(1, hint // 1024)
+        if cost(hint) <= budget:
             good = hint
-            while good + step <= hi and fits(good + step):
+            while good + step <= hi and cost(good + step) <= budget:
                 good += step
                 step *= 2
             bad = min(bad, good + step)
         else:
             bad = hint
-            while bad - step > good and not fits(bad - step):
+            while bad - step > good and cost(bad - step) > budget:
                 bad -= step
                 step *= 2
             if bad - step > good:
                 good = bad - step
     while bad - good > 1:
         mid = (good + bad) // 2
-        if fits(mid):
+        if cost(mid) <= budget:
             good = mid
         else:
             bad = mid
@@ -96,7 +102,7 @@ def generate_samples(task: str, generator: Generator, length: int, num_samples: 
                 built[units] = (sample, count_tokens(tokenizer, sample))
             return built[units]
 
-        units = largest_fitting(lambda n: build(n)[1] <= budget, generator.min_units, generator.max_units, hint)
+        units = largest_fitting(lambda n: build(n)[1], budget, generator.min_units, generator.max_units, hint)
         if units is None:
             smallest = build(generator.min_units)[1] + max_new_tokens
             raise ValueError(f"RULER {task}: max_seq_length={length} is too short; its smallest prompt needs "

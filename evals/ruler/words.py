@@ -4,7 +4,7 @@ RULER draws both from the ``wonderwords`` package, which is not installed here. 
 
 * needle keys are "adjective-noun" pairs (RULER's format, e.g. "quiet-harbor") from the two short lists below,
   written for this repository (about 19k pairs);
-* the cwe vocabulary is every distinct lowercase alphabetic word of three or more letters in the shipped haystack
+* the cwe vocabulary is every distinct lowercase alphabetic word of four or more letters in the shipped haystack
   prose (``evals/data/haystack_prose.txt``), plus the two lists below, sorted.  Long contexts need more distinct
   words than that; they are topped up with made-up six-letter consonant-vowel words ("bakemo"), all of one
   length, so none is a substring of another.
@@ -55,7 +55,7 @@ def num_word_keys() -> int:
 
 @lru_cache(maxsize=1)
 def common_words_base() -> tuple[str, ...]:
-    prose = set(re.findall(r"\b[a-z]{3,}\b", prose_text()))
+    prose = set(re.findall(r"\b[a-z]{4,}\b", prose_text()))
     return tuple(sorted(prose | set(ADJECTIVES) | set(NOUNS)))
 
 

@@ -73,9 +73,12 @@ class Method:
         return {}
 
     # ------------------------------------------------------------------ hooks
-    def compress(self, layer: CompressedLayer, q_prompt: torch.Tensor, prompt_len: int, plan: dict,
+    def compress(self, layer: CompressedLayer, q_window: torch.Tensor, prompt_len: int, plan: dict,
                  scaling: float) -> None:
-        """Called once after the exact prefill of slots ``[0, prompt_len)``; ``q_prompt`` is ``[B,Hkv,g,L,d]``."""
+        """Called once after the exact prefill of slots ``[0, prompt_len)``.
+
+        ``q_window`` (``[B,Hkv,g,n,d]``) holds the last ``n >= window`` queries of that prefill.
+        """
 
     def index(self, layer: CompressedLayer, plan: dict) -> None:
         """Bring method metadata up to date with the stored slots."""
@@ -143,10 +146,10 @@ def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
     return hit[..., 1:].sum(-1)
 
 
-def window_scores(q_prompt: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,
+def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,
                   scaling: float) -> torch.Tensor:
     """SnapKV scores ``[B,Hkv,g,L-w]``: post-softmax attention of the last ``w`` prompt queries, summed over them."""
-    q_win = q_prompt[..., prompt_len - window:prompt_len, :].float()
+    q_win = q_window[..., -window:, :].float()
     k = keys[:, :, :prompt_len].float()
     logits = torch.einsum("bhgwd,bhsd->bhgws", q_win, k) * scaling
     q_pos = torch.arange(prompt_len - window, prompt_len, device=k.device)

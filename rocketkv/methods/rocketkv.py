@@ -48,11 +48,11 @@ class RocketKV(Method):
                              f"observation window w={self.window}; raise the budget or lower max_new_tokens")
         return plan
 
-    def compress(self, layer, q_prompt, prompt_len, plan, scaling):
+    def compress(self, layer, q_window, prompt_len, plan, scaling):
         keep = plan["prompt_budget"]
         if prompt_len <= keep:
             return
-        scores = window_scores(q_prompt, layer.keys, prompt_len, self.window, scaling).sum(dim=2)
+        scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling).sum(dim=2)
         chosen = max_pool(scores, self.kernel_size).topk(keep - self.window, dim=-1).indices
         keep_selection(layer, chosen, prompt_len - self.window)
 

@@ -33,11 +33,11 @@ class SnapKV(Method):
                 f"{self.window * (group_size if self.selection == 'head' else 1)} or a smaller window")
         return {"prompt_budget": per_set}
 
-    def compress(self, layer, q_prompt, prompt_len, plan, scaling):
+    def compress(self, layer, q_window, prompt_len, plan, scaling):
         keep = plan["prompt_budget"]
         if prompt_len <= keep:
             return
-        scores = window_scores(q_prompt, layer.keys, prompt_len, self.window, scaling)  # [B,Hkv,g,L-w]
+        scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling)  # [B,Hkv,g,L-w]
         n_prefix = keep - self.window
         if self.selection == "group":
             chosen = max_pool(scores.sum(dim=2), self.kernel_size).topk(n_prefix, dim=-1).indices

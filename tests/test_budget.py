@@ -1,0 +1,165 @@
+"""Budget resolution: RocketKV's split (the issue's check rows), Quest/SparQ formulas and budget errors."""
+import math
+
+import pytest
+
+from rocketkv.methods import METHODS
+from rocketkv.session import resolve_budget
+
+D = 128
+
+
+# ------------------------------------------------------------------ RocketKV check rows (issue)
+@pytest.mark.parametrize("prompt_len,t,expected", [
+    # S = prompt_len + max_new (max_new = 128)
+    (16000 - 128, 256, dict(capacity=1592, prompt_budget=1464, page_size=3, channels=61, topk=128)),
+    (8000 - 128, 4096, dict(capacity=6731, prompt_budget=6603, page_size=1, channels=77, topk=2048)),
+    (32000 - 128, 1024, dict(capacity=5764, prompt_budget=5636, page_size=3, channels=68, topk=512)),
+])
+def test_rocketkv_check_rows(prompt_len, t, expected):
+    plan = resolve_budget("rocketkv", t, prompt_len, 128, D)
+    for key, value in expected.items():
+        assert plan[key] == value, (key, plan)
+
+
+def _rocketkv_formula(t, prompt_len, max_new, d, model_max_len=None):
+    s = prompt_len + max_new if model_max_len is None else min(prompt_len + max_new, model_max_len)
+    c = max(1.0, s / t)
+    r = min(0.2 + 0.06 * math.log2(c), 0.8)
+    cap = max(math.floor(s / c ** r), min(2 * max_new, s))
+    c2 = max(1.0, cap / t)
+    p = math.ceil(math.sqrt(c2))
+    if p > c2:
+        p = 1
+    return dict(capacity=cap, prompt_budget=cap - max_new, page_size=p, channels=math.floor(d * p / c2),
+                topk=t // 2)
+
+
+@pytest.mark.parametrize("t,prompt_len,max_new,d,mml", [
+    (256, 4000, 64, 128, None), (512, 100000, 128, 128, 32768), (2048, 30000, 256, 64, None),
+    (64, 3000, 16, 32, None), (100, 777, 20, 32, None), (4096, 120000, 128, 128, None),
+])
+def test_rocketkv_formula(t, prompt_len, max_new, d, mml):
+    plan = resolve_budget("rocketkv", t, prompt_len, max_new, d, model_max_len=mml)
+    exp = _rocketkv_formula(t, prompt_len, max_new, d, mml)
+    for key, value in exp.items():
+        assert plan[key] == value, (key, plan, exp)
+
+
+def test_rocketkv_model_max_len_caps_s():
+    capped = resolve_budget("rocketkv", 256, 20000, 128, D, model_max_len=16000)
+    assert capped["capacity"] == 1592 and capped["page_size"] == 3 and capped["channels"] == 61
+
+
+def test_rocketkv_ratio_is_capped_at_0_8():
+    # c = 2**12 -> 0.2 + 0.06*12 = 0.92 -> capped 0.8; C = max(S / c**0.8, 2*max_new)
+    t, s, max_new = 16, 16 * 2 ** 12, 8
+    plan = resolve_budget("rocketkv", t, s - max_new, max_new, D)
+    assert plan["capacity"] == max(math.floor(s / (2 ** 12) ** 0.8), 2 * max_new)
+
+
+def test_rocketkv_small_context_keeps_2_max_new():
+    # S below the budget: c = 1, r = 0.2, C = max(S, min(2 max_new, S)) = S
+    plan = resolve_budget("rocketkv", 1024, 300, 64, D)
+    assert plan["capacity"] == 364 and plan["prompt_budget"] == 300 and plan["page_size"] == 1
+    assert plan["channels"] == D and plan["topk"] == 512
+
+
+# ------------------------------------------------------------------ Quest / SparQ / topk / snapkv
+@pytest.mark.parametrize("t,prompt_len,max_new,mml", [(256, 4000, 128, None), (1024, 30000, 128, None),
+                                                       (100, 999, 1, None), (64, 50000, 128, 8192),
+                                                       (4096, 1000, 128, None)])
+def test_quest_plan(t, prompt_len, max_new, mml):
+    s = min(prompt_len + max_new, mml) if mml else prompt_len + max_new
+    plan = resolve_budget("quest", t, prompt_len, max_new, D, model_max_len=mml)
+    assert plan["page_size"] == max(1, math.ceil(2 * s / t))
+    assert plan["topk"] == t // 2
+
+
+def test_quest_page_size_override():
+    plan = resolve_budget("quest", 256, 4000, 128, D, page_size=16)
+    assert plan["page_size"] == 16
+    # conf/method/quest.yaml documents the override as original Quest: budget = attended tokens
+    assert plan["topk"] == 256
+
+
+@pytest.mark.parametrize("t,prompt_len,max_new,d,mml", [(256, 4000, 128, 128, None), (1024, 30000, 128, 128, None),
+                                                         (16, 100000, 128, 128, None), (64, 50000, 128, 64, 8192),
+                                                         (4096, 1000, 128, 128, None), (300, 3000, 100, 32, None)])
+def test_sparq_plan(t, prompt_len, max_new, d, mml):
+    s = min(prompt_len + max_new, mml) if mml else prompt_len + max_new
+    plan = resolve_budget("sparq", t, prompt_len, max_new, d, model_max_len=mml)
+    assert plan["channels"] == min(d, max(1, round(d * t / s)))
+    assert plan["topk"] == t // 2
+
+
+def test_sparq_channels_examples():
+    # d*t/S = 128*256/4096 = 8 ; 128*1024/16384 = 8 ; 128*16/100128 -> 0.02 -> 1
+    assert resolve_budget("sparq", 256, 4096 - 128, 128, 128)["channels"] == 8
+    assert resolve_budget("sparq", 1024, 16384 - 128, 128, 128)["channels"] == 8
+    assert resolve_budget("sparq", 16, 100000, 128, 128)["channels"] == 1
+
+
+def test_topk_and_snapkv_plans():
+    assert resolve_budget("topk", 300, 5000, 128, D)["topk"] == 300
+    assert resolve_budget("snapkv", 512, 5000, 128, D, group_size=4)["prompt_budget"] == 128
+    assert resolve_budget("snapkv", 512, 5000, 128, D, group_size=4, selection="group")["prompt_budget"] == 512
+    assert resolve_budget("full", None, 5000, 128, D) == {}
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("method", ["topk", "snapkv", "quest", "sparq", "rocketkv"])
+@pytest.mark.parametrize("bad", [15, 0, -256, 256.0, "256", None, True])
+def test_bad_budgets(method, bad):
+    with pytest.raises(ValueError, match="budget"):
+        resolve_budget(method, bad, 4000, 128, D)
+
+
+@pytest.mark.parametrize("method", ["topk", "quest", "sparq"])
+def test_minimum_budget_accepted(method):
+    resolve_budget(method, 16, 4000, 128, D)
+
+
+def test_rocketkv_prompt_budget_below_window():
+    # S = 138, c = 8.6: C = max(S/c^r, min(2*max_new, S)) = 138, P = C - max_new = 10 < w = 32
+    with pytest.raises(ValueError, match=r"P=10.*window"):
+        resolve_budget("rocketkv", 16, 10, 128, D)
+    # S = 28, C = 28, P = 20 < 32
+    with pytest.raises(ValueError, match=r"P=20.*window"):
+        resolve_budget("rocketkv", 256, 20, 8, D)
+
+
+def test_rocketkv_prompt_budget_window_override():
+    plan = resolve_budget("rocketkv", 16, 100, 8, D, window=4)
+    assert plan["prompt_budget"] >= 4
+
+
+def test_snapkv_per_head_budget_below_window():
+    with pytest.raises(ValueError, match="window"):
+        resolve_budget("snapkv", 64, 4000, 128, D, group_size=4)  # t/g = 16 < 32
+    resolve_budget("snapkv", 64, 4000, 128, D, group_size=4, selection="group")  # 64 >= 32 per KV head
+    with pytest.raises(ValueError, match="window"):
+        resolve_budget("snapkv", 16, 4000, 128, D, group_size=1, selection="group")
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        resolve_budget("h2o", 256, 4000, 128, D)
+    for name in ("full", "topk", "snapkv", "quest", "sparq", "rocketkv"):
+        assert name in str(err.value)
+    assert set(METHODS) >= {"full", "topk", "snapkv", "quest", "sparq", "rocketkv"}
+
+
+@pytest.mark.parametrize("method", ["full", "topk", "snapkv", "quest", "sparq", "rocketkv"])
+def test_unknown_option_names(method):
+    with pytest.raises(ValueError, match="unknown options.*page_sise"):
+        resolve_budget(method, 256, 4000, 128, D, page_sise=16)
+
+
+def test_bad_option_values():
+    with pytest.raises(ValueError, match="selection"):
+        resolve_budget("snapkv", 256, 4000, 128, D, selection="token")
+    with pytest.raises(ValueError, match="window"):
+        resolve_budget("snapkv", 256, 4000, 128, D, window=0)
+    with pytest.raises(ValueError, match="skip_layers"):
+        resolve_budget("rocketkv", 256, 4000, 128, D, skip_layers=-1)

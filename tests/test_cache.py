@@ -1,0 +1,239 @@
+"""The compressed cache: what is stored after eviction, reported lengths, original positions (RoPE), statistics."""
+import functools
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from rocketkv.models import build_tiny_random
+from rocketkv.session import compress
+
+PROMPT_LEN, MAX_NEW = 90, 8
+
+
+@functools.lru_cache(maxsize=None)
+def peaky_model(arch="llama"):
+    model, _ = build_tiny_random(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                p.mul_(8)
+            elif any(s in name for s in ("embed_tokens", "lm_head", "v_proj", "o_proj")):
+                p.mul_(5)
+    return model
+
+
+def prompt(length=PROMPT_LEN, seed=0):
+    return torch.randint(3, 1000, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, method, budget, max_new=MAX_NEW, ids=None, **opts):
+    """Manual greedy loop inside compress: (session, cache, generated tokens, logits per step)."""
+    ids = prompt() if ids is None else ids
+    with compress(model, method, budget, max_new_tokens=max_new, **opts) as session:
+        cache = session.new_cache()
+        tokens, logits_all = [], []
+        with torch.no_grad():
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            for i in range(max_new):
+                logits_all.append(logits)
+                nxt = logits.argmax(-1, keepdim=True)
+                tokens.append(nxt)
+                if i + 1 < max_new:
+                    logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return session, cache, torch.cat(tokens, 1), torch.stack(logits_all, 1)
+
+
+# ------------------------------------------------------------------ sizes
+def test_rocketkv_cache_shrinks_to_prompt_budget():
+    model = peaky_model()
+    session, cache, tokens, _ = run(model, "rocketkv", 32)
+    plan = session.plan
+    P = plan["prompt_budget"]
+    assert P < PROMPT_LEN - 1
+    cfg = model.config
+    d, hkv = cfg.head_dim, cfg.num_key_value_heads
+    # P prompt tokens kept from prompt[:-1]; the last prompt token and MAX_NEW - 1 fed tokens appended
+    for layer in cache.layers:
+        assert layer.keys.shape == (1, hkv, P + MAX_NEW, d)
+        assert layer.values.shape == layer.keys.shape
+        assert layer.positions.shape == (1, hkv, P + MAX_NEW)
+        assert layer.visible is None
+        assert layer.get_seq_length() == PROMPT_LEN + MAX_NEW - 1
+    assert cache.get_seq_length() == PROMPT_LEN + MAX_NEW - 1
+    stats = session.stats()
+    assert stats["kept_tokens"] == P
+    assert stats["stored_kv_bytes"] == cfg.num_hidden_layers * 2 * hkv * (P + MAX_NEW) * d * 4
+
+
+def test_snapkv_group_cache_shrinks():
+    model = peaky_model()
+    session, cache, _, _ = run(model, "snapkv", 48, selection="group")
+    for layer in cache.layers:
+        assert layer.stored == 48 + MAX_NEW
+    assert session.stats()["kept_tokens"] == 48
+
+
+def test_snapkv_head_cache_keeps_union_with_per_head_visibility():
+    model = peaky_model()
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    session, cache, _, _ = run(model, "snapkv", 40 * g, selection="head")
+    for layer in cache.layers:
+        vis = layer.visible  # [1, Hkv, g, S]
+        assert vis.shape[:3] == (1, model.config.num_key_value_heads, g) and vis.shape[-1] == layer.stored
+        in_prompt = layer.positions < PROMPT_LEN - 1
+        per_head = (vis & in_prompt.unsqueeze(2)).sum(-1)
+        assert (per_head == 40).all()  # each query head sees exactly t/g prompt tokens (window included)
+        assert layer.stored <= 40 * g + MAX_NEW
+
+
+@pytest.mark.parametrize("method,budget,opts", [("rocketkv", 32, {}), ("snapkv", 48, {"selection": "group"}),
+                                                ("snapkv", 160, {"selection": "head"})])
+def test_positions_are_original_positions(method, budget, opts):
+    model = peaky_model()
+    _, cache, _, _ = run(model, method, budget, **opts)
+    split = PROMPT_LEN - 1
+    for layer in cache.layers:
+        for kh in range(layer.positions.shape[1]):
+            pos = layer.positions[0, kh]
+            if layer.visible is not None:
+                pos = pos[layer.visible[0, kh].any(0)]
+            pos = pos.tolist()
+            assert all(a < b for a, b in zip(pos, pos[1:]))  # strictly increasing
+            prompt_part = [p for p in pos if p < split]
+            assert set(prompt_part) <= set(range(split)) and len(prompt_part) < split
+            assert pos[len(prompt_part):] == list(range(split, PROMPT_LEN + MAX_NEW - 1))
+
+
+def test_skip_layers_are_dense():
+    model = peaky_model()
+    session, cache, _, _ = run(model, "rocketkv", 32, skip_layers=2)
+    P = session.plan["prompt_budget"]
+    assert [l.stored for l in cache.layers] == [PROMPT_LEN + MAX_NEW - 1] * 2 + [P + MAX_NEW] * 2
+
+
+# ------------------------------------------------------------------ positions of RoPE
+def test_large_budget_same_logits_as_uncompressed():
+    model = peaky_model()
+    _, _, tokens_full, logits_full = run(model, "full", None)
+    for method, budget, opts in [("rocketkv", 1024, {}), ("snapkv", 1024, {"selection": "group"})]:
+        _, cache, tokens, logits = run(model, method, budget, **opts)
+        assert cache.layers[0].stored == PROMPT_LEN + MAX_NEW - 1
+        assert tokens.tolist() == tokens_full.tolist()
+        torch.testing.assert_close(logits, logits_full, atol=1e-4, rtol=1e-4)
+
+
+_REF = {}
+
+
+def _masked_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """Dense attention over the whole sequence; queries from position ``split`` on see only the slots the
+    compressed cache of that layer kept (``_REF['allowed'][layer] : [B, Hq, L]``)."""
+    b, hq, n, d = query.shape
+    g = hq // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    mask = torch.ones(n, n, dtype=torch.bool).tril().expand(b, hq, n, n).clone()
+    allowed = _REF["allowed"][module.layer_idx]
+    split = _REF["split"]
+    mask[:, :, split:, :] &= allowed[:, :, None, :n]
+    w = torch.softmax((query @ k.transpose(-1, -2) * scaling).masked_fill(~mask, float("-inf")), -1)
+    return (w @ v).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("rocketkv_test_masked_ref", _masked_reference_attention)
+
+
+@pytest.mark.parametrize("method,budget,opts", [("snapkv", 48, {"selection": "group"}),
+                                                ("snapkv", 160, {"selection": "head"}),
+                                                ("rocketkv", 32, {})])
+def test_eviction_equals_masked_full_attention(monkeypatch, method, budget, opts):
+    """After eviction, decoding equals a full-sequence forward in which the decode queries may only attend to the
+    kept positions.  Any renumbering of positions after eviction (RoPE of new tokens at ``stored`` instead of
+    ``seen``) or misalignment of stored keys with positions breaks this.
+
+    RocketKV's stage 2 is sparse whenever stage 1 evicts (C > t/2 always), so for this test its plan's k is raised
+    above the cache size: stage 1 (eviction, positions) runs for real, stage 2 becomes exact attention.
+    """
+    if method == "rocketkv":
+        import rocketkv.methods.rocketkv as rk
+
+        real_budget = rk.rocketkv_budget
+        monkeypatch.setattr(rk, "rocketkv_budget", lambda *a, **k: {**real_budget(*a, **k), "topk": 10 ** 6})
+    model = peaky_model()
+    ids = prompt(seed=7)
+    max_new = 6
+    session, cache, tokens, logits = run(model, method, budget, max_new=max_new, ids=ids, **opts)
+    split = PROMPT_LEN - 1
+    assert cache.layers[0].stored < PROMPT_LEN + max_new - 1  # eviction happened
+    total = PROMPT_LEN + max_new - 1
+    allowed = {}
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer in cache.layers:
+        a = torch.zeros(1, model.config.num_attention_heads, total, dtype=torch.bool)
+        for kh in range(layer.positions.shape[1]):
+            for h in range(g):
+                pos = layer.positions[0, kh]
+                if layer.visible is not None:
+                    pos = pos[layer.visible[0, kh, h]]
+                a[0, kh * g + h, pos] = True
+        allowed[layer.layer_idx] = a
+    _REF.update(allowed=allowed, split=split)
+    full_ids = torch.cat([ids, tokens[:, :-1]], dim=1)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("rocketkv_test_masked_ref")
+    try:
+        with torch.no_grad():
+            ref_logits = model(input_ids=full_ids, use_cache=False).logits[:, split:]
+    finally:
+        model.set_attn_implementation(previous)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ statistics
+STAT_KEYS = {"kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes",
+             "metadata_bytes", "decode_steps"}
+
+
+def test_stats_sane_for_small_budget():
+    model = peaky_model()
+    full, _, _, _ = run(model, "full", None)
+    fs = full.stats()
+    assert set(fs) >= STAT_KEYS
+    assert fs["decode_steps"] == MAX_NEW
+    assert fs["kept_tokens"] == PROMPT_LEN - 1
+    # full attends to everything stored: mean over the steps of (PROMPT_LEN + i), i = 0..MAX_NEW-1
+    assert fs["attended_tokens"] == pytest.approx(PROMPT_LEN + (MAX_NEW - 1) / 2)
+    assert fs["metadata_bytes"] == 0
+    budget = 32
+    for method, opts, k in [("topk", {}, budget), ("quest", {}, budget // 2), ("sparq", {}, budget // 2),
+                            ("rocketkv", {}, budget // 2), ("snapkv", {"selection": "group"}, None)]:
+        b = 48 if method == "snapkv" else budget
+        session, cache, _, _ = run(model, method, b, **opts)
+        st = session.stats()
+        assert set(st) >= STAT_KEYS, method
+        assert st["decode_steps"] == MAX_NEW, method
+        assert 0 < st["attended_tokens"], method
+        if k is not None:
+            assert st["attended_tokens"] <= k, (method, st)
+        assert st["bytes_read_per_step"] < fs["bytes_read_per_step"], (method, st, fs)
+        assert st["bytes_read_per_step"] == pytest.approx(st["elements_read_per_step"] * 4)
+        if method in ("quest", "rocketkv"):
+            assert st["metadata_bytes"] > 0
+        if method in ("rocketkv", "snapkv"):
+            assert st["stored_kv_bytes"] < fs["stored_kv_bytes"]
+            assert st["kept_tokens"] < PROMPT_LEN - 1
+        else:
+            assert st["stored_kv_bytes"] == fs["stored_kv_bytes"]
+
+
+def test_stats_before_any_generation_is_empty():
+    model = peaky_model()
+    with compress(model, "rocketkv", 256) as session:
+        assert session.stats() == {} and session.plan is None
+
+
+def test_beam_search_and_cropping_refused():
+    model = peaky_model()
+    with compress(model, "full", None, max_new_tokens=4):
+        with pytest.raises(NotImplementedError):
+            model.generate(prompt(length=20), max_new_tokens=3, num_beams=2, do_sample=False)

@@ -1,0 +1,229 @@
+"""End-to-end on tiny random models: compressed generation against stock transformers greedy decoding.
+
+The tiny random models are made "peaky" (q/k projections scaled up, embeddings/lm_head scaled) so attention is far
+from uniform and greedy decoding produces varied tokens; otherwise every method would trivially agree.
+"""
+import functools
+
+import pytest
+import torch
+
+from rocketkv.models import TINY_ARCHS, build_tiny_random
+from rocketkv.session import compress
+
+PROMPT_LEN, MAX_NEW = 90, 10
+CONTEXT = PROMPT_LEN + MAX_NEW
+
+
+@functools.lru_cache(maxsize=None)
+def peaky_model(arch):
+    model, _ = build_tiny_random(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                p.mul_(8)
+            elif any(s in name for s in ("embed_tokens", "lm_head", "v_proj", "o_proj")):
+                p.mul_(5)
+    return model
+
+
+def group_size(model):
+    cfg = model.config
+    return cfg.num_attention_heads // cfg.num_key_value_heads
+
+
+def prompt(batch=1, length=PROMPT_LEN, seed=0):
+    return torch.randint(3, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def stock_generate(model, ids, max_new=MAX_NEW):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def stock_reference(arch, batch, seed, max_new=MAX_NEW):
+    """Stock greedy generation (no compression), computed once per (arch, prompt)."""
+    return stock_generate(peaky_model(arch), prompt(batch=batch, seed=seed), max_new)
+
+
+def big_budget(model, method, selection="head"):
+    # every method is exact once its budget covers at least 2x the whole context (k = t/2 >= context);
+    # snapkv's per-query-head selection keeps t/g tokens per head, so it needs t >= g x context (here 2 g x context)
+    if method == "full":
+        return None
+    if method == "snapkv" and selection == "head":
+        return 2 * CONTEXT * group_size(model)
+    return 2 * CONTEXT + 1
+
+
+METHODS = [("full", {}), ("topk", {}), ("snapkv", {"selection": "head"}), ("snapkv", {"selection": "group"}),
+           ("quest", {}), ("sparq", {}), ("rocketkv", {})]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_full_equals_stock_generate(arch):
+    model = peaky_model(arch)
+    ids = prompt()
+    ref_tokens, ref_logits = stock_generate(model, ids)
+    assert len(set(ref_tokens[0].tolist())) > 3  # the model is not degenerate
+    with compress(model, "full", None, max_new_tokens=MAX_NEW) as session:
+        tokens, logits = stock_generate(model, ids)
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert session.stats()["decode_steps"] == MAX_NEW
+    assert model.config._attn_implementation != "rocketkv"  # restored on exit
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("method,opts", METHODS)
+def test_methods_with_large_budget_equal_stock(arch, method, opts):
+    model = peaky_model(arch)
+    ids = prompt(seed=1)
+    ref_tokens, ref_logits = stock_reference(arch, 1, 1)
+    budget = big_budget(model, method, opts.get("selection", "head"))
+    with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
+        tokens, logits = stock_generate(model, ids)
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert session.stats()["kept_tokens"] == PROMPT_LEN - 1  # nothing evicted from prompt[:-1]
+
+
+@pytest.mark.parametrize("method,opts", METHODS)
+def test_batch_of_two_with_large_budget_equals_stock(method, opts):
+    model = peaky_model("llama")
+    ids = prompt(batch=2, seed=2)
+    ref_tokens, ref_logits = stock_reference("llama", 2, 2, 6)
+    budget = big_budget(model, method, opts.get("selection", "head"))
+    with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts):
+        tokens, logits = stock_generate(model, ids, max_new=6)
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+SMALL = [("full", None, {}), ("topk", 32, {}), ("snapkv", 48 * 4, {"selection": "head"}),
+         ("snapkv", 48, {"selection": "group"}), ("quest", 32, {}), ("sparq", 32, {}), ("rocketkv", 32, {}),
+         ("rocketkv", 32, {"skip_layers": 2})]
+
+
+def manual_loop(model, cache, ids, max_new):
+    tokens, all_logits = [], []
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(max_new):
+            all_logits.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method,budget,opts", SMALL)
+def test_manual_loop_equals_generate_inside_compress(arch, method, budget, opts):
+    model = peaky_model(arch)
+    ids = prompt(seed=3)
+    if method == "snapkv" and opts["selection"] == "head":
+        budget = 48 * group_size(model)
+    with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
+        gen_tokens, gen_logits = stock_generate(model, ids)
+        gen_stats = session.stats()
+        man_tokens, man_logits = manual_loop(model, session.new_cache(), ids, MAX_NEW)
+        man_stats = session.stats()
+    assert man_tokens.tolist() == gen_tokens.tolist()
+    torch.testing.assert_close(man_logits, gen_logits, atol=1e-4, rtol=1e-4)
+    assert man_stats["kept_tokens"] == gen_stats["kept_tokens"]
+    if method != "full":
+        assert gen_stats["kept_tokens"] < PROMPT_LEN - 1 or method in ("topk", "quest", "sparq")
+
+
+@pytest.mark.parametrize("method,budget,opts", [("full", None, {}), ("snapkv", 48 * 4, {"selection": "head"}),
+                                                ("snapkv", 48, {"selection": "group"}), ("rocketkv", 64, {})])
+def test_multi_token_step_after_eviction_equals_one_by_one(method, budget, opts):
+    """Feeding 3 tokens at once to a compressed cache gives the logits of feeding them one by one.
+
+    Dense decode (full, snapkv after its eviction) must match.  rocketkv is included with t = 64 on this
+    context: stage 1 evicts (89 -> P = 79 prompt tokens) and stage 2 plans page size p = 1, so each token's
+    selection depends only on slots before it and must match too.  With pages of p > 1 (and for Quest) the
+    selection of a token inside a multi-token step can differ: see
+    test_methods_reference.test_page_metadata_ignores_slots_beyond_upto.
+    """
+    model = peaky_model("llama")
+    ids = prompt(seed=4)
+    extra = torch.randint(3, 1000, (1, 3), generator=torch.Generator().manual_seed(5))
+    with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
+        with torch.no_grad():
+            c1 = session.new_cache()
+            model(input_ids=ids, past_key_values=c1, use_cache=True)
+            if method != "full":
+                assert c1.layers[0].stored < PROMPT_LEN  # eviction happened
+            if method == "rocketkv":
+                assert session.plan["page_size"] == 1 and session.plan["prompt_budget"] == 79
+            many = model(input_ids=extra, past_key_values=c1, use_cache=True).logits
+            c2 = session.new_cache()
+            model(input_ids=ids, past_key_values=c2, use_cache=True)
+            one = torch.cat([model(input_ids=extra[:, i:i + 1], past_key_values=c2, use_cache=True).logits
+                             for i in range(3)], dim=1)
+    torch.testing.assert_close(many, one, atol=1e-4, rtol=1e-4)
+    assert c1.get_seq_length() == c2.get_seq_length() == PROMPT_LEN + 3
+    for l1, l2 in zip(c1.layers, c2.layers):
+        assert torch.equal(l1.positions, l2.positions)
+
+
+# ------------------------------------------------------------------ refusals
+def test_refuses_sliding_window_mistral():
+    from transformers import AutoModelForCausalLM
+
+    from rocketkv.models import tiny_config
+
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 64
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="sliding"):
+        with compress(model, "rocketkv", 256):
+            pass
+
+
+def test_refuses_model_without_rope():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                       bos_token_id=0, eos_token_id=1))
+    with pytest.raises(ValueError, match="RoPE"):
+        with compress(model, "rocketkv", 256):
+            pass
+    assert model.config._attn_implementation != "rocketkv"
+
+
+def test_refuses_padded_batch():
+    model = peaky_model("llama")
+    ids = prompt(batch=2, length=40)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with compress(model, "full", None):
+        with pytest.raises(NotImplementedError, match="padded"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_refuses_precomputed_uncompressed_cache():
+    from transformers import DynamicCache
+
+    model = peaky_model("llama")
+    ids = prompt(length=20)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        with compress(model, "rocketkv", 256):
+            with pytest.raises(ValueError, match="already holds tokens"):
+                model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_bad_budget_refused_before_touching_model():
+    model = peaky_model("llama")
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match="budget"):
+        with compress(model, "rocketkv", 8):
+            pass
+    assert model.config._attn_implementation == before

