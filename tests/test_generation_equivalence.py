@@ -227,3 +227,71 @@ def test_bad_budget_refused_before_touching_model():
         with compress(model, "rocketkv", 8):
             pass
     assert model.config._attn_implementation == before
+
+
+# ------------------------------------------------------------------ split prefill and shared-prefill forks
+def loop_from(model, cache, first_logits, max_new):
+    tokens, all_logits = [], []
+    logits = first_logits
+    with torch.no_grad():
+        for _ in range(max_new):
+            all_logits.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+@pytest.mark.parametrize("method,budget,opts", SMALL)
+def test_split_prompt_feed_equals_whole_prompt(method, budget, opts):
+    """``new_cache(prompt_len=L)``: feed prompt[:-1], then the last prompt token as the first decode step."""
+    model = peaky_model("llama")
+    ids = prompt(seed=6)
+    with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
+        ref_tokens, ref_logits = manual_loop(model, session.new_cache(), ids, MAX_NEW)
+        ref_stats = session.stats()
+        cache = session.new_cache(prompt_len=PROMPT_LEN)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+            first = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens, logits = loop_from(model, cache, first, MAX_NEW)
+        stats = session.stats()
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert stats["kept_tokens"] == ref_stats["kept_tokens"]
+    assert stats["decode_steps"] == ref_stats["decode_steps"]
+
+
+def test_fork_from_shared_prefill_equals_direct():
+    model = peaky_model("llama")
+    ids = prompt(seed=8)
+    with compress(model, "full", None, max_new_tokens=MAX_NEW) as full_session:
+        shared = full_session.new_cache(prompt_len=PROMPT_LEN, capture_window=32)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=shared, use_cache=True)
+    snapshot = [(l.keys.clone(), l.values.clone(), l.positions.clone()) for l in shared.layers]
+    for method, budget, opts in SMALL:
+        with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
+            ref_tokens, ref_logits = manual_loop(model, session.new_cache(), ids, MAX_NEW)
+            ref_kept = session.stats()["kept_tokens"]
+            cache = session.fork(shared)
+            with torch.no_grad():
+                first = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+            tokens, logits = loop_from(model, cache, first, MAX_NEW)
+            assert session.stats()["kept_tokens"] == ref_kept, method
+        assert tokens.tolist() == ref_tokens.tolist(), (method, opts)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        for (k, v, p), layer in zip(snapshot, shared.layers):  # the shared prefill is only read
+            assert torch.equal(layer.keys, k) and torch.equal(layer.values, v) and torch.equal(layer.positions, p)
+
+
+def test_fork_refuses_short_capture():
+    model = peaky_model("llama")
+    ids = prompt(seed=8)
+    with compress(model, "full", None, max_new_tokens=MAX_NEW) as full_session:
+        shared = full_session.new_cache(prompt_len=PROMPT_LEN, capture_window=8)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=shared, use_cache=True)
+    with compress(model, "rocketkv", 32, max_new_tokens=MAX_NEW) as session:
+        with pytest.raises(ValueError, match="capture_window"):
+            session.fork(shared)

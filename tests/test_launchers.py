@@ -105,7 +105,10 @@ def run_in_process(overrides: list[str]) -> dict:
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    return run(cfg)
+    metrics = run(cfg)
+    if isinstance(metrics, list):  # the runner returns one metrics dict per cell of a grid
+        (metrics,) = metrics
+    return metrics
 
 
 @pytest.fixture(scope="module")
@@ -245,35 +248,49 @@ def _sweep_jobs(experiment: str, *extra: str) -> list[list[str]]:
     return batch
 
 
+def _cells(experiment: str, jobs: list[list[str]]) -> list[tuple[str, str, str, int | None]]:
+    """(model, task, method, budget) of every results folder the jobs write, via the runner's grid expansion."""
+    from rocketkv.methods import METHODS
+    from rocketkv.runner import grid_configs
+
+    out = []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for job in jobs:
+            cfg = compose(config_name="config", overrides=[f"+experiment={experiment}", *job])
+            for cell in grid_configs(cfg):
+                budget = cell.budget if METHODS[cell.method.name].uses_budget else None
+                out.append((cell.model.name, cell.task.name, cell.method.name, budget))
+    return out
+
+
 def test_paper_grid_expands_to_the_paper_cells():
     jobs = _sweep_jobs("paper_grid")
-    assert len(jobs) == 3 * 3 * 5 * 5
-    grid = {tuple(o.split("=", 1)[1] for o in job) for job in jobs}
-    assert grid == set(itertools.product(
-        ["llama3.1-8b-instruct", "mistral-7b-instruct-v0.2", "longchat-7b-v1.5-32k"], ["longbench", "ruler", "needle"],
-        ["snapkv", "quest", "sparq", "topk", "rocketkv"], ["256", "512", "1024", "2048", "4096"]))
-    baseline = _sweep_jobs("paper_grid", "method=full", "budget=256")
-    assert len(baseline) == 9
-    # every cell composes (models, tasks and methods exist) - what Hydra checks before launching
+    assert len(jobs) == 3 * 3 * 6
+    cells = _cells("paper_grid", jobs)
+    assert len(cells) == len(set(cells)), "two jobs would write the same results folder"
+    models = ["llama3.1-8b-instruct", "mistral-7b-instruct-v0.2", "longchat-7b-v1.5-32k"]
+    tasks = ["longbench", "ruler", "needle"]
+    budgets = [256, 512, 1024, 2048, 4096]
+    expected = set(itertools.product(models, tasks, ["full"], [None]))
+    expected |= set(itertools.product(models, tasks, ["snapkv", "quest", "sparq", "topk", "rocketkv"], budgets))
+    assert set(cells) == expected and len(cells) == 3 * 3 * (1 + 5 * 5)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for job in jobs[::7] + baseline:
-            cfg = compose(config_name="config", overrides=["+experiment=paper_grid", *job])
-            assert cfg.model.name == job[0].split("=", 1)[1] and not cfg.update_leaderboard
+        assert not compose(config_name="config", overrides=["+experiment=paper_grid"]).update_leaderboard
 
 
 def test_cpu_needle_grid_cells_are_valid():
     from rocketkv.methods import make_method
 
-    jobs = _sweep_jobs("cpu_needle_grid") + _sweep_jobs("cpu_needle_grid", "method=full", "budget=256") \
-        + _sweep_jobs("cpu_needle_grid", "method=snapkv", "budget=128,256")
-    assert len(jobs) == 16 + 1 + 2
+    jobs = _sweep_jobs("cpu_needle_grid")
+    assert len(jobs) == 5
+    snapkv = [["method=snapkv", "grid.budgets=[128,256]"]]
+    cells = _cells("cpu_needle_grid", jobs) + _cells("cpu_needle_grid", snapkv)
+    assert len(cells) == len(set(cells)) == 1 + 4 * 4 + 2
+    assert {c[:2] for c in cells} == {("smollm2-135m", "needle")}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for job in jobs:
-            cfg = compose(config_name="config", overrides=["+experiment=cpu_needle_grid", *job])
-            assert cfg.model.name == "smollm2-135m" and cfg.task.name == "needle"
-            assert list(cfg.task.lengths) == [2000, 4000]
-            opts = {k: v for k, v in yaml.safe_load((CONF / "method" / f"{cfg.method.name}.yaml").read_text()).items()
-                    if k != "name"}
-            method = make_method(cfg.method.name, budget=cfg.budget, **opts)
-            # SmolLM2-135M: head dim 64, 9 query / 3 KV heads; the shortest prompt of the grid
-            method.plan(2000, 16, 64, 8192, group_size=3)
+        assert list(compose(config_name="config", overrides=["+experiment=cpu_needle_grid"]).task.lengths) == [2000, 4000]
+    for _, _, name, budget in cells:
+        opts = {k: v for k, v in yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text()).items() if k != "name"}
+        # SmolLM2-135M: head dim 64, 9 query / 3 KV heads; 2000 tokens is the grid's shortest prompt.
+        # A budget a method rejects would fail its whole job.
+        make_method(name, budget=budget, **opts).plan(2000, 16, 64, 8192, group_size=3)

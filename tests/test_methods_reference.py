@@ -124,7 +124,8 @@ def test_snapkv_reference(monkeypatch, shape, selection, n, budget, window):
     assert layer.state.plan["prompt_budget"] == per_set
     q_prompt = torch.randn(b, hkv, g, n, d, generator=_gen(3))
     scale = d ** -0.5
-    m.compress(layer, q_prompt, split, layer.state.plan, scale)
+    # compress receives the last n >= window queries of the prefill of [0, split) (Method.compress contract)
+    m.compress(layer, q_prompt[..., split - window - 3: split, :], split, layer.state.plan, scale)
     n_prefix = per_set - window
     K64, V64, Q64 = K.double(), V.double(), q_prompt.double()
     tail = list(range(split - window, n))
@@ -174,7 +175,7 @@ def test_snapkv_reference(monkeypatch, shape, selection, n, budget, window):
 def test_snapkv_short_prompt_keeps_everything():
     m = make_method("snapkv", 64, selection="group", kernels="torch")
     layer, K, _ = make_layer(m, 1, 2, 2, 16, 60)
-    m.compress(layer, torch.randn(1, 2, 2, 60, 16), 59, layer.state.plan, 0.25)
+    m.compress(layer, torch.randn(1, 2, 2, 59, 16), 59, layer.state.plan, 0.25)
     assert layer.stored == 60 and layer.positions[0, 0].tolist() == list(range(60))
 
 
@@ -359,7 +360,7 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
     layer, K, V = make_layer(m, b, hkv, g, d, n, seed=n + keep, plan=plan)
     q_prompt = torch.randn(b, hkv, g, n, d, generator=_gen(7))
     scale = d ** -0.5
-    m.compress(layer, q_prompt, split, plan, scale)
+    m.compress(layer, q_prompt[..., :split, :], split, plan, scale)
     if split <= keep:
         assert layer.stored == n and layer.positions[0, 0].tolist() == list(range(n))
         return

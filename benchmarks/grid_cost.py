@@ -1,0 +1,61 @@
+"""Cost of a method x budget grid with one shared prefill per sample vs the same cells run separately vs one
+full-KV run, measured in one process on the same prompts.
+
+    python benchmarks/grid_cost.py [--model smollm2-135m] [--length 2000] [--samples 3]
+
+Prints wall times and ratios (target: grid <= 1.3x a single full-KV run).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from rocketkv.runner import run
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["full", "snapkv", "quest", "sparq", "topk", "rocketkv"]
+BUDGETS = [256, 512, 1024, 2048, 4096]
+
+
+def timed(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    start = time.perf_counter()
+    run(cfg)
+    return time.perf_counter() - start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--separate", action="store_true", help="also run the cells one by one (slow)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = [f"model={args.model}", "task=needle", f"task.lengths=[{args.length}]", f"limit={args.samples}",
+                "update_leaderboard=false", "progress=false"]
+        timed(base + [f"output_dir={tmp}/warm", "method=full"])  # model cache warm-up, not counted
+        full = timed(base + [f"output_dir={tmp}/full", "method=full"])
+        grid = timed(base + [f"output_dir={tmp}/grid", f"grid.methods=[{','.join(METHODS)}]",
+                             f"grid.budgets=[{','.join(map(str, BUDGETS))}]"])
+        n_cells = 1 + (len(METHODS) - 1) * len(BUDGETS)
+        rows = [("single full-KV run", full), (f"grid, {n_cells} cells, shared prefill", grid)]
+        if args.separate:
+            separate = timed(base + [f"output_dir={tmp}/sep", "method=full"])
+            for m in METHODS[1:]:
+                for b in BUDGETS:
+                    separate += timed(base + [f"output_dir={tmp}/sep", f"method={m}", f"budget={b}"])
+            rows.append((f"{n_cells} separate runs", separate))
+    print(f"model={args.model} needle length={args.length} samples={args.samples}")
+    print(f"{'configuration':<40} {'seconds':>9} {'vs full run':>12}")
+    for name, seconds in rows:
+        print(f"{name:<40} {seconds:>9.1f} {seconds / full:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
