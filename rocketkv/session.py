@@ -107,7 +107,6 @@ def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torc
     method = state.method_for(layer.layer_idx)
     if not layer.compressed:
         return _prefill(layer, state, method, query, q, scaling)
-    method.index(layer, state.plan)
     return _decode_tokens(layer, state, method, q, layer.stored - n, scaling)
 
 
@@ -130,7 +129,6 @@ def _prefill(layer, state, method, query, q, scaling):
     _compress_layer(layer, method, q[..., :split, :], split, state.plan, scaling)
     if split == n:
         return prefix_out
-    method.index(layer, state.plan)
     last = _decode_tokens(layer, state, method, q[:, :, :, split:], layer.stored - (n - split), scaling)
     return torch.cat([prefix_out, last], dim=2)
 
@@ -153,7 +151,9 @@ def _decode_tokens(layer, state, method, q, first_slot, scaling):
     b, hkv, g, n, d = q.shape
     outs = []
     for i in range(n):
-        out, cost = method.decode(layer, q[:, :, :, i], first_slot + i + 1, state.plan, scaling)
+        upto = first_slot + i + 1
+        method.index(layer, state.plan, upto)  # metadata must not see the step's later tokens
+        out, cost = method.decode(layer, q[:, :, :, i], upto, state.plan, scaling)
         state.record(layer.layer_idx, cost.attended, cost.elements)
         outs.append(out.reshape(b, hkv * g, 1, d))
     return torch.cat(outs, dim=2)

@@ -121,12 +121,12 @@ def test_minimum_budget_accepted(method):
 
 
 def test_rocketkv_prompt_budget_below_window():
-    # S = 138, c = 8.6: C = max(S/c^r, min(2*max_new, S)) = 138, P = C - max_new = 10 < w = 32
-    with pytest.raises(ValueError, match=r"P=10.*window"):
-        resolve_budget("rocketkv", 16, 10, 128, D)
-    # S = 28, C = 28, P = 20 < 32
-    with pytest.raises(ValueError, match=r"P=20.*window"):
-        resolve_budget("rocketkv", 256, 20, 8, D)
+    # S = 100, c = 6.25, r = 0.2 + 0.06*log2(6.25) = 0.3586, c^r = 1.929: C = max(floor(51.8), min(50, 100)) = 51,
+    # P = C - 25 = 26 < w = 32 while the prompt (75) is longer than P: eviction would need a window wider than P.
+    with pytest.raises(ValueError, match=r"P=26.*window"):
+        resolve_budget("rocketkv", 16, 75, 25, D)
+    # A prompt no longer than P is kept whole, so a small P is no error: S = 138, C = 138, P = 10 = prompt_len.
+    assert resolve_budget("rocketkv", 16, 10, 128, D)["prompt_budget"] == 10
 
 
 def test_rocketkv_prompt_budget_window_override():

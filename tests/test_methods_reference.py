@@ -429,9 +429,9 @@ def test_page_metadata_ignores_slots_beyond_upto(monkeypatch, method, plan):
     ref_out, _ = m.decode(ref_layer, q, 17, plan, d ** -0.5)
     ref_sel = set(seen[-1][0, 0, 0][seen[-1][0, 0, 0] >= 0].tolist())
 
-    # three at once, as session._decode_tokens does: index once, then token 16 with upto = 17
+    # three at once, as session._decode_tokens does: index up to token 16 (upto = 17), then decode it
     layer.update(new_k, new_v)
-    m.index(layer, plan)
+    m.index(layer, plan, 17)
     out, _ = m.decode(layer, q, 17, plan, d ** -0.5)
     sel = set(seen[-1][0, 0, 0][seen[-1][0, 0, 0] >= 0].tolist())
     assert sel == ref_sel

@@ -80,8 +80,8 @@ class Method:
         ``q_window`` (``[B,Hkv,g,n,d]``) holds the last ``n >= window`` queries of that prefill.
         """
 
-    def index(self, layer: CompressedLayer, plan: dict) -> None:
-        """Bring method metadata up to date with the stored slots."""
+    def index(self, layer: CompressedLayer, plan: dict, upto: int | None = None) -> None:
+        """Bring method metadata up to date with stored slots ``[0, upto)`` (all by default)."""
 
     def decode(self, layer: CompressedLayer, q: torch.Tensor, upto: int, plan: dict,
                scaling: float) -> tuple[torch.Tensor, StepCost]:

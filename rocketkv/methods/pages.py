@@ -8,8 +8,9 @@ import torch
 from rocketkv.cache import CompressedLayer
 
 
-def index_pages(layer: CompressedLayer, page_size: int) -> None:
-    stored = layer.stored
+def index_pages(layer: CompressedLayer, page_size: int, upto: int | None = None) -> None:
+    """Cover slots ``[0, upto)`` (all stored slots by default); a later call extends and redoes the last page."""
+    stored = layer.stored if upto is None else upto
     if layer.n_indexed == stored and "page_min_t" in layer.meta:
         return
     first_page = layer.n_indexed // page_size

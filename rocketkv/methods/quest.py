@@ -25,8 +25,8 @@ class Quest(Method):
         s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
         return {"page_size": max(1, ceil_div(2 * s, self.budget)), "topk": self.budget // 2}
 
-    def index(self, layer, plan):
-        index_pages(layer, plan["page_size"])
+    def index(self, layer, plan, upto=None):
+        index_pages(layer, plan["page_size"], upto)
 
     def decode(self, layer, q, upto, plan, scaling):
         p = plan["page_size"]

@@ -43,7 +43,7 @@ class RocketKV(Method):
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         plan = rocketkv_budget(self.budget, prompt_len, max_new_tokens, head_dim, model_max_len)
-        if plan["prompt_budget"] < self.window:
+        if plan["prompt_budget"] < self.window and prompt_len > plan["prompt_budget"]:
             raise ValueError(f"budget={self.budget}: RocketKV's prompt budget P={plan['prompt_budget']} is below the "
                              f"observation window w={self.window}; raise the budget or lower max_new_tokens")
         return plan
@@ -56,8 +56,8 @@ class RocketKV(Method):
         chosen = max_pool(scores, self.kernel_size).topk(keep - self.window, dim=-1).indices
         keep_selection(layer, chosen, prompt_len - self.window)
 
-    def index(self, layer, plan):
-        index_pages(layer, plan["page_size"])
+    def index(self, layer, plan, upto=None):
+        index_pages(layer, plan["page_size"], upto)
 
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape
