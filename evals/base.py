@@ -34,6 +34,8 @@ class Task(ABC):
     """Base class for tasks. ``cfg`` is the task's config node (a plain dict or an OmegaConf DictConfig)."""
 
     name: str = ""
+    # "task": ``limit=N`` runs the first N samples; "subtask": the first N of every subtask (LongBench, RULER).
+    limit_scope: str = "task"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -61,9 +61,21 @@ def parse_shard(shard: Any) -> tuple[int, int] | None:
     return index, count
 
 
-def select_samples(samples: list[Sample], limit: int | None, shard: tuple[int, int] | None = None) -> list[Sample]:
-    """The first ``limit`` samples, then every n-th of them from offset i when sharded."""
-    chosen = samples if limit is None else samples[: int(limit)]
+def select_samples(samples: list[Sample], limit: int | None, shard: tuple[int, int] | None = None,
+                   per_subtask: bool = False) -> list[Sample]:
+    """The first ``limit`` samples (of every subtask with ``per_subtask``), then every n-th of them from offset i
+    when sharded."""
+    if limit is None:
+        chosen = samples
+    elif per_subtask:
+        taken: dict[str, int] = {}
+        chosen = []
+        for s in samples:
+            if taken.get(s.subtask, 0) < int(limit):
+                taken[s.subtask] = taken.get(s.subtask, 0) + 1
+                chosen.append(s)
+    else:
+        chosen = samples[: int(limit)]
     if shard is not None:
         chosen = chosen[shard[0]::shard[1]]
     return chosen
@@ -218,7 +230,8 @@ def run(cfg: DictConfig) -> list[dict]:
     env = environment(str(model.device))
     for cell in cells:
         write_json_atomic(cell.out_dir / "env.json", env)
-    samples = select_samples(task.samples(tokenizer, spec.max_len), cfg.get("limit"), shard)
+    samples = select_samples(task.samples(tokenizer, spec.max_len), cfg.get("limit"), shard,
+                             per_subtask=task.limit_scope == "subtask")
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
     desc = cells[0].label if len(cells) == 1 else f"{cfg.task.name}/{spec.name}/grid of {len(cells)}"
     for sample in tqdm(todo, desc=desc, disable=not cfg.get("progress", True), dynamic_ncols=True):

@@ -133,3 +133,16 @@ def test_grid_equals_separate_runs(compose_cfg, tmp_path):
 def test_grid_rejects_unknown_method(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'nope'.*rocketkv"):
         run(compose_cfg(*TINY, f"output_dir={tmp_path}", "grid.methods=[full,nope]"))
+
+
+def test_limit_per_subtask_and_shards():
+    from evals.base import Sample
+    from rocketkv.runner import select_samples
+
+    samples = [Sample(id=f"{t}/{i}", prompt="", references=[], max_new_tokens=1, subtask=t)
+               for t in ("a", "b") for i in range(3)]
+    ids = lambda xs: [s.id for s in xs]  # noqa: E731
+    assert ids(select_samples(samples, 2)) == ["a/0", "a/1"]
+    assert ids(select_samples(samples, 2, per_subtask=True)) == ["a/0", "a/1", "b/0", "b/1"]
+    halves = [ids(select_samples(samples, None, (i, 2))) for i in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(ids(samples)) and not set(halves[0]) & set(halves[1])

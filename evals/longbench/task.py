@@ -23,6 +23,7 @@ def _mean(values: list[float]) -> float:
 
 class LongBenchTask(Task):
     name = "longbench"
+    limit_scope = "subtask"
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

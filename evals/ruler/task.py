@@ -68,6 +68,7 @@ def parse_tasks(value: Any) -> tuple[list[str], bool]:
 
 class RulerTask(Task):
     name = "ruler"
+    limit_scope = "subtask"
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
