@@ -116,8 +116,8 @@ def _prefill(layer, state, method, query, q, scaling):
         state.prompt_len = state.prompt_len or n
         state.group_size = q.shape[2]
         state.element_size = layer.keys.element_size()
-        state.plan = method_plan(state.method, state.prompt_len, state.max_new_tokens, q.shape[-1],
-                                 state.model_max_len, state.group_size)
+        state.plan = state.method.plan(state.prompt_len, state.max_new_tokens, q.shape[-1], state.model_max_len,
+                                       group_size=state.group_size)
     split = n - 1 if method.decode_last_prompt_token and state.split_prefill and n >= 2 else n
     hkv = layer.keys.shape[1]
     if state.capture_window:
@@ -157,11 +157,6 @@ def _decode_tokens(layer, state, method, q, first_slot, scaling):
         state.record(layer.layer_idx, cost.attended, cost.elements)
         outs.append(out.reshape(b, hkv * g, 1, d))
     return torch.cat(outs, dim=2)
-
-
-def method_plan(method: Method, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None,
-                group_size: int = 1) -> dict:
-    return method.plan(prompt_len, max_new_tokens, head_dim, model_max_len, group_size=group_size)
 
 
 # ---------------------------------------------------------------------- the public context manager
@@ -208,8 +203,8 @@ class CompressionSession:
         state.group_size, state.element_size = source.group_size, source.element_size
         first = shared.layers[0]
         head_dim = first.keys.shape[-1]
-        state.plan = method_plan(self.method, state.prompt_len, state.max_new_tokens, head_dim, state.model_max_len,
-                                 state.group_size)
+        state.plan = self.method.plan(state.prompt_len, state.max_new_tokens, head_dim, state.model_max_len,
+                                      group_size=state.group_size)
         for src, layer in zip(shared.layers, cache.layers):
             if src.captured_q is None or src.captured_q.shape[-2] < min(self.method.window, src.stored):
                 raise ValueError("the shared prefill kept fewer queries than this method's window; "
@@ -299,4 +294,4 @@ def resolve_budget(method: str, budget: int | None, prompt_len: int, max_new_tok
                    model_max_len: int | None = None, group_size: int = 1, **overrides: Any) -> dict:
     """The concrete parameters ``method`` uses for one sample (pure, cheap)."""
     m = make_method(method, budget=budget, **overrides)
-    return method_plan(m, prompt_len, max_new_tokens, head_dim, model_max_len, group_size)
+    return m.plan(prompt_len, max_new_tokens, head_dim, model_max_len, group_size=group_size)

@@ -1,7 +1,11 @@
+import functools
 import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from rocketkv.models import build_tiny_random
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -21,3 +25,16 @@ def compose_cfg():
             return compose("config", overrides=list(overrides))
 
     return _compose
+
+
+@functools.lru_cache(maxsize=None)
+def peaky_model(arch="llama"):
+    """A tiny random model with sharpened attention and logits, so greedy decoding varies and methods can differ."""
+    model, _ = build_tiny_random(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                p.mul_(8)
+            elif any(s in name for s in ("embed_tokens", "lm_head", "v_proj", "o_proj")):
+                p.mul_(5)
+    return model

@@ -1,26 +1,13 @@
 """The compressed cache: what is stored after eviction, reported lengths, original positions (RoPE), statistics."""
-import functools
 
 import pytest
 import torch
 from transformers import AttentionInterface
 
-from rocketkv.models import build_tiny_random
+from conftest import peaky_model
 from rocketkv.session import compress
 
 PROMPT_LEN, MAX_NEW = 90, 8
-
-
-@functools.lru_cache(maxsize=None)
-def peaky_model(arch="llama"):
-    model, _ = build_tiny_random(arch)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj.weight" in name or "k_proj.weight" in name:
-                p.mul_(8)
-            elif any(s in name for s in ("embed_tokens", "lm_head", "v_proj", "o_proj")):
-                p.mul_(5)
-    return model
 
 
 def prompt(length=PROMPT_LEN, seed=0):

@@ -8,23 +8,12 @@ import functools
 import pytest
 import torch
 
-from rocketkv.models import TINY_ARCHS, build_tiny_random
+from conftest import peaky_model
+from rocketkv.models import TINY_ARCHS
 from rocketkv.session import compress
 
 PROMPT_LEN, MAX_NEW = 90, 10
 CONTEXT = PROMPT_LEN + MAX_NEW
-
-
-@functools.lru_cache(maxsize=None)
-def peaky_model(arch):
-    model, _ = build_tiny_random(arch)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj.weight" in name or "k_proj.weight" in name:
-                p.mul_(8)
-            elif any(s in name for s in ("embed_tokens", "lm_head", "v_proj", "o_proj")):
-                p.mul_(5)
-    return model
 
 
 def group_size(model):
@@ -262,13 +251,19 @@ def test_split_prompt_feed_equals_whole_prompt(method, budget, opts):
     assert stats["decode_steps"] == ref_stats["decode_steps"]
 
 
+def shared_prefill(model, ids, capture_window):
+    """A dense prefill of ``prompt[:-1]`` that keeps its last queries, as a grid run makes once per sample."""
+    with compress(model, "full", None, max_new_tokens=MAX_NEW) as full_session:
+        shared = full_session.new_cache(prompt_len=PROMPT_LEN, capture_window=capture_window)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=shared, use_cache=True)
+    return shared
+
+
 def test_fork_from_shared_prefill_equals_direct():
     model = peaky_model("llama")
     ids = prompt(seed=8)
-    with compress(model, "full", None, max_new_tokens=MAX_NEW) as full_session:
-        shared = full_session.new_cache(prompt_len=PROMPT_LEN, capture_window=32)
-        with torch.no_grad():
-            model(input_ids=ids[:, :-1], past_key_values=shared, use_cache=True)
+    shared = shared_prefill(model, ids, capture_window=32)
     snapshot = [(l.keys.clone(), l.values.clone(), l.positions.clone()) for l in shared.layers]
     for method, budget, opts in SMALL:
         with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
@@ -288,10 +283,7 @@ def test_fork_from_shared_prefill_equals_direct():
 def test_fork_refuses_short_capture():
     model = peaky_model("llama")
     ids = prompt(seed=8)
-    with compress(model, "full", None, max_new_tokens=MAX_NEW) as full_session:
-        shared = full_session.new_cache(prompt_len=PROMPT_LEN, capture_window=8)
-        with torch.no_grad():
-            model(input_ids=ids[:, :-1], past_key_values=shared, use_cache=True)
+    shared = shared_prefill(model, ids, capture_window=8)
     with compress(model, "rocketkv", 32, max_new_tokens=MAX_NEW) as session:
         with pytest.raises(ValueError, match="capture_window"):
             session.fork(shared)
