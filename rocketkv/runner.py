@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import resource
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -195,6 +197,30 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     return records
 
 
+def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[int]], model, spec: ModelSpec,
+                skip: bool) -> list[Cell]:
+    """Resolve every cell's budget plan for every prompt length before any decoding, so a budget that cannot work
+    (e.g. below the observation window) fails at once, not half-way through a grid; ``skip`` drops such cells."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    shapes = sorted({(len(prompts[s.id]), s.max_new_tokens) for s in samples})
+    valid, errors = [], []
+    for cell in cells:
+        try:
+            for n, new_tokens in shapes:
+                cell.method.plan(n, new_tokens, head_dim, spec.max_len, group_size=group)
+            valid.append(cell)
+        except ValueError as err:
+            errors.append(f"{cell.label}: {err}")
+    if errors and not skip:
+        raise ValueError("cells that cannot run on these prompts (grid.skip_invalid=true drops them):\n  "
+                         + "\n  ".join(errors))
+    for line in errors:
+        log.warning("skipped %s", line)
+    return valid
+
+
 def summarise(task: Task, records: list[dict], run_info: dict) -> dict:
     metrics = task.aggregate(records)
     n = len(records)
@@ -221,21 +247,42 @@ def run(cfg: DictConfig) -> list[dict]:
     task.validate(spec.max_len)
     shard = parse_shard(cfg.get("shard"))
     cells = [make_cell(c, spec.name, shard) for c in grid_configs(cfg)]
-    for cell in cells:
-        cell.out_dir.mkdir(parents=True, exist_ok=True)
-        (cell.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cell.cfg, resolve=True))
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(spec)
-    env = environment(str(model.device))
-    for cell in cells:
-        write_json_atomic(cell.out_dir / "env.json", env)
     samples = select_samples(task.samples(tokenizer, spec.max_len), cfg.get("limit"), shard,
                              per_subtask=task.limit_scope == "subtask")
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
+    prompts = {s.id: prompt_token_ids(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
+    cells = check_plans(cells, todo, prompts, model, spec, skip=bool((cfg.get("grid") or {}).get("skip_invalid")))
+    with ExitStack() as locks:
+        for cell in cells:
+            cell.out_dir.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(lock_cell(cell))
+        return _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts)
+
+
+def lock_cell(cell: Cell) -> FileLock:
+    """Hold the cell's predictions file for this job; a second job on the same cell fails at once."""
+    lock = FileLock(cell.preds.path.with_name(f".{cell.preds.path.stem}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"another job is already running {cell.label} (lock {lock.lock_file}); let it finish, "
+                           f"or rerun afterwards to resume") from None
+    cell.preds = PredictionLog(cell.preds.path)  # what an earlier job finished before we got the lock
+    return lock
+
+
+def _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts) -> list[dict]:
+    todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
+    env = environment(str(model.device))
+    for cell in cells:
+        (cell.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cell.cfg, resolve=True))
+        write_json_atomic(cell.out_dir / "env.json", env)
     desc = cells[0].label if len(cells) == 1 else f"{cfg.task.name}/{spec.name}/grid of {len(cells)}"
     for sample in tqdm(todo, desc=desc, disable=not cfg.get("progress", True), dynamic_ncols=True):
-        ids = prompt_token_ids(tokenizer, sample, spec.chat_template, spec.max_len)
+        ids = prompts[sample.id]
         pending = [c for c in cells if sample.id not in c.preds.done()]
         shareable = [c for c in pending if c.method.decode_last_prompt_token and len(ids) >= 2]
         if len(shareable) < 2:

@@ -282,15 +282,19 @@ def test_cpu_needle_grid_cells_are_valid():
     from rocketkv.methods import make_method
 
     jobs = _sweep_jobs("cpu_needle_grid")
-    assert len(jobs) == 5
-    snapkv = [["method=snapkv", "grid.budgets=[128,256]"]]
-    cells = _cells("cpu_needle_grid", jobs) + _cells("cpu_needle_grid", snapkv)
-    assert len(cells) == len(set(cells)) == 1 + 4 * 4 + 2
+    assert len(jobs) == 6
+    cells = _cells("cpu_needle_grid", jobs)
+    assert len(cells) == len(set(cells)) == 1 + 5 * 4
     assert {c[:2] for c in cells} == {("smollm2-135m", "needle")}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        assert list(compose(config_name="config", overrides=["+experiment=cpu_needle_grid"]).task.lengths) == [2000, 4000]
+        cfg = compose(config_name="config", overrides=["+experiment=cpu_needle_grid"])
+        assert list(cfg.task.lengths) == [2000, 4000] and cfg.grid.skip_invalid
+    rejected = []
     for _, _, name, budget in cells:
         opts = {k: v for k, v in yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text()).items() if k != "name"}
         # SmolLM2-135M: head dim 64, 9 query / 3 KV heads; 2000 tokens is the grid's shortest prompt.
-        # A budget a method rejects would fail its whole job.
-        make_method(name, budget=budget, **opts).plan(2000, 16, 64, 8192, group_size=3)
+        try:
+            make_method(name, budget=budget, **opts).plan(2000, 16, 64, 8192, group_size=3)
+        except ValueError:
+            rejected.append((name, budget))
+    assert rejected == [("snapkv", 32), ("snapkv", 64)]  # skipped by grid.skip_invalid, the rest must run

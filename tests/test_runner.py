@@ -22,7 +22,8 @@ def test_tiny_run_writes_results(compose_cfg, tmp_path):
     [metrics] = run(compose_cfg(*TINY, f"output_dir={tmp_path}", "method=full", "limit=2"))
     out = Path(metrics["run"]["results_dir"])
     assert out.relative_to(tmp_path / "runs").parts[:4] == ("needle", "tiny-random", "full", "none")
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "predictions.jsonl", "metrics.json", "env.json"}
+    files = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # .predictions.lock: the job's lock
+    assert files == {"config.yaml", "predictions.jsonl", "metrics.json", "env.json"}
     preds = read_predictions(out)
     assert [p["id"] for p in preds] == ["len300_depth0.00_rep0", "len300_depth0.50_rep0"]
     for p in preds:
@@ -146,3 +147,29 @@ def test_limit_per_subtask_and_shards():
     assert ids(select_samples(samples, 2, per_subtask=True)) == ["a/0", "a/1", "b/0", "b/1"]
     halves = [ids(select_samples(samples, None, (i, 2))) for i in range(2)]
     assert sorted(halves[0] + halves[1]) == sorted(ids(samples)) and not set(halves[0]) & set(halves[1])
+
+
+def test_grid_budget_that_cannot_work_fails_before_decoding(compose_cfg, tmp_path):
+    # tiny-random has GQA groups of 4: per-head SnapKV needs budget >= 4 x window 32 = 128
+    grid = [*TINY, f"output_dir={tmp_path}", "limit=1", "grid.methods=[full,snapkv]", "grid.budgets=[64,128]"]
+    with pytest.raises(ValueError, match=r"snapkv@64: budget=64 .* use budget >= 128"):
+        run(compose_cfg(*grid))
+    assert not list(tmp_path.glob("runs/**/predictions.jsonl")), "nothing may run when a cell is invalid"
+
+    results = run(compose_cfg(*grid, "grid.skip_invalid=true"))
+    assert [(m["run"]["method"], m["run"]["budget"]) for m in results] == [("full", None), ("snapkv", 128)]
+    assert not (tmp_path / "runs" / "needle" / "tiny-random" / "snapkv" / "64").exists()
+
+
+def test_second_job_on_a_running_cell_fails_at_once(compose_cfg, tmp_path):
+    from filelock import FileLock
+
+    args = [*TINY, f"output_dir={tmp_path}", "method=full", "limit=1"]
+    [metrics] = run(compose_cfg(*args))
+    out = Path(metrics["run"]["results_dir"])
+    with FileLock(out / ".predictions.lock"):  # another job holds the cell
+        with pytest.raises(RuntimeError, match=r"another job is already running needle/tiny-random/full@full"):
+            run(compose_cfg(*args, "limit=2"))
+    assert len(read_predictions(out)) == 1
+    [resumed] = run(compose_cfg(*args, "limit=2"))  # lock released: the rerun resumes
+    assert resumed["n_samples"] == 2 and len(read_predictions(out)) == 2

@@ -1,6 +1,7 @@
 """Passkey retrieval ("needle in a haystack") over a grid of context lengths × needle depths × repeats.
 
-Raw completion prompt (no chat template): instruction, haystack with the needle at the given depth, question.
+Prompt: instruction, haystack with the needle at the given depth, question; a raw completion prompt by default,
+or the model's chat template with ``task.chat_template=true`` (the answer prefix then follows the template).
 Lengths are in the model's tokens, depth is a fraction 0–1 of the haystack.  A sample scores 100 when the
 normalised passkey is a substring of the normalised output; the headline is the mean over cells of the mean
 per cell.
@@ -16,7 +17,8 @@ from evals.haystack import HAYSTACKS, haystack_ids
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+QUESTION = "What is the pass key?"
+ANSWER_PREFIX = " The pass key is"
 
 
 def normalise(text: str) -> str:
@@ -34,6 +36,7 @@ class NeedleTask(Task):
         self.haystack = str(cfg.get("haystack", "noise"))
         self.seed = int(cfg.get("seed", 0))
         self.max_new_tokens = int(cfg.get("max_new_tokens", 16))
+        self.chat_template = bool(cfg.get("chat_template", False))
         if self.haystack not in HAYSTACKS:
             raise ValueError(f"task.haystack={self.haystack!r} is not valid; use one of {HAYSTACKS}")
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
@@ -63,14 +66,21 @@ class NeedleTask(Task):
 
     def _sample(self, tokenizer, length, depth, repeat, key) -> Sample:
         needle = NEEDLE.format(key=key)
-        overhead = len(tokenizer(f"{INSTRUCTION} {needle} {QUESTION}", add_special_tokens=True).input_ids) + 2
+        overhead = len(tokenizer(f"{INSTRUCTION} {needle} {QUESTION}{ANSWER_PREFIX}",
+                                 add_special_tokens=True).input_ids) + 2
+        if self.chat_template and getattr(tokenizer, "chat_template", None):
+            template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                     add_generation_prompt=True)
+            overhead += len(tokenizer(template, add_special_tokens=False).input_ids)
         hay = haystack_ids(tokenizer, self.haystack, max(0, length - overhead))
         cut = int(round(depth * len(hay)))
         before = tokenizer.decode(hay[:cut]).strip()
         after = tokenizer.decode(hay[cut:]).strip()
         prompt = " ".join(p for p in (INSTRUCTION, before, needle, after, QUESTION) if p)
+        answer_prefix = ANSWER_PREFIX.strip() if self.chat_template else ANSWER_PREFIX
         return Sample(id=f"len{length}_depth{depth:.2f}_rep{repeat}", prompt=prompt, references=[key],
-                      max_new_tokens=self.max_new_tokens, chat_template=False, stop=["\n"],
+                      max_new_tokens=self.max_new_tokens, chat_template=self.chat_template, stop=["\n"],
+                      answer_prefix=answer_prefix,
                       subtask=f"len={length}/depth={depth:.2f}", meta={"length": length, "depth": depth})
 
     def score(self, sample, prediction):
@@ -79,4 +89,5 @@ class NeedleTask(Task):
     def protocol(self):
         return {"task": self.name, "lengths": self.lengths, "depths": self.depths, "repeats": self.repeats,
                 "haystack": self.haystack, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
-                "instruction": INSTRUCTION, "needle": NEEDLE, "question": QUESTION, "chat_template": False}
+                "instruction": INSTRUCTION, "needle": NEEDLE, "question": QUESTION + ANSWER_PREFIX,
+                "chat_template": self.chat_template}
