@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rocketkv.session import cache_kwarg
+
 
 @dataclass
 class Generation:
@@ -45,7 +47,7 @@ class Timer:
 def forward(model, token_ids: list[int], cache) -> torch.Tensor:
     """Logits of the last position after feeding ``token_ids`` into ``cache``."""
     ids = torch.tensor([token_ids], device=model.device)
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    return model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
 
 
 @torch.inference_mode()

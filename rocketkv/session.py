@@ -3,10 +3,16 @@
 Hooks into transformers through its seams only: an attention function and a matching mask function
 registered under one name (``AttentionInterface`` / ``AttentionMaskInterface``), and cache layers
 (``CompressedLayer``, a ``DynamicLayer`` subclass) placed in the ``Cache`` the forward pass receives.
+
+The forward pass takes its cache as ``past_key_values`` up to transformers 5.23 and as ``cache`` from 5.24 on
+(``past_key_values`` stays a deprecated alias, and ``generate`` passes ``cache``): ``cache_kwarg`` reads the name
+from the model's ``forward`` signature, and the pre-forward hook looks under both.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +27,18 @@ from rocketkv.methods import Method, make_method
 from rocketkv.methods.full import FullKV
 
 ATTN_NAME = "rocketkv"
+LEGACY_CACHE_KWARG = "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters  # follows the decorators' ``__wrapped__``
+    return "cache" if "cache" in params else LEGACY_CACHE_KWARG
+
+
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` takes its ``Cache`` under: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return _cache_kwarg_of(type(model))
 
 
 # ---------------------------------------------------------------------- per-generation state
@@ -225,14 +243,19 @@ class CompressionSession:
         self.state.layers = cache.layers
 
     def _pre_forward(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        # The cache the forward will use: under its own name, else under the deprecated alias (which the forward
+        # renames; given both, it keeps its own name).  ``generate`` passes ``cache`` from 5.24 on.
+        name = cache_kwarg(module)
+        if name not in kwargs and LEGACY_CACHE_KWARG in kwargs:
+            name = LEGACY_CACHE_KWARG
+        cache = kwargs.get(name)
         if cache is None:
             if kwargs.get("use_cache") is False:
                 return None
-            kwargs["past_key_values"] = self.new_cache()
+            kwargs[name] = self.new_cache()
             return args, kwargs
         if not isinstance(cache, Cache):
-            raise TypeError(f"past_key_values of type {type(cache).__name__} is not supported; pass a transformers Cache")
+            raise TypeError(f"{name} of type {type(cache).__name__} is not supported; pass a transformers Cache")
         if cache.layers and all(isinstance(l, CompressedLayer) for l in cache.layers):
             return None
         if cache.get_seq_length() > 0:

@@ -209,6 +209,31 @@ def test_refuses_precomputed_uncompressed_cache():
                 model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
 
 
+@pytest.mark.parametrize("name", ["own", "past_key_values"])
+def test_user_cache_is_compressed_under_either_kwarg(name):
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (old name: a deprecated alias)."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    from rocketkv.generation import forward
+    from rocketkv.session import cache_kwarg
+
+    model = peaky_model("llama")
+    ids = prompt()[0].tolist()
+    key = cache_kwarg(model) if name == "own" else name
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), compress(model, "snapkv", 48, max_new_tokens=3, selection="group") as session:
+        model(input_ids=torch.tensor([ids]), use_cache=True, **{key: cache})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # the runner's own loop uses the model's own name
+            for token in ids[:3]:
+                forward(model, [token], cache)
+    assert all(type(l).__name__ == "CompressedLayer" for l in cache.layers)
+    assert session.stats()["decode_steps"] == 4  # the prompt's last token, then 3 steps
+    assert cache.layers[0].stored < len(ids) + 3
+
+
 def test_bad_budget_refused_before_touching_model():
     model = peaky_model("llama")
     before = model.config._attn_implementation
