@@ -407,7 +407,7 @@ def test_page_metadata_ignores_slots_beyond_upto(monkeypatch, method, plan):
     key, so a page-4 bound computed over all stored slots dominates and wrongly pulls page 4 into token 16's
     selection, evicting a page it would have chosen from slots [0, 17) alone.
     """
-    b, hkv, g, d, p = 1, 1, 2, 4, 4
+    b, hkv, g, d = 1, 1, 2, 4
     m = make_method(method, 256, kernels="torch")
     layer, _, _ = make_layer(m, b, hkv, g, d, 16, seed=0, plan=plan)
     with torch.no_grad():

@@ -106,8 +106,8 @@ class RulerTask(Task):
         sets = self.question_sets()
         missing = [t for t in self.requested if t in QA_TASKS and TASKS[t].params["dataset"] not in sets]
         if missing:
-            how = (f"put dev-v2.0.json (SQuAD 2.0) and hotpotqa_dev.json (HotpotQA distractor dev) in a folder and "
-                   f"pass task.qa_dir=<folder>" + ("" if self.qa_dir else ", or make the Hugging Face hub reachable"))
+            how = ("put dev-v2.0.json (SQuAD 2.0) and hotpotqa_dev.json (HotpotQA distractor dev) in a folder and "
+                   "pass task.qa_dir=<folder>" + ("" if self.qa_dir else ", or make the Hugging Face hub reachable"))
             if len(missing) == len(self.requested):
                 raise ValueError(f"RULER task(s) {missing} need SQuAD/HotpotQA and no source has them "
                                  f"(task.qa_dir={self.qa_dir!r}): {how}")

@@ -10,7 +10,7 @@ import torch
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, register, seq_len_for_plan,
                                    topk_slots)
-from rocketkv.methods.pages import index_pages, page_to_slots
+from rocketkv.methods.pages import index_pages
 
 
 @register
