@@ -248,6 +248,8 @@ def run(cfg: DictConfig) -> list[dict]:
     shard = parse_shard(cfg.get("shard"))
     cells = [make_cell(c, spec.name, shard) for c in grid_configs(cfg)]
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(spec)
     samples = select_samples(task.samples(tokenizer, spec.max_len), cfg.get("limit"), shard,

@@ -288,7 +288,7 @@ def test_cpu_needle_grid_cells_are_valid():
     assert {c[:2] for c in cells} == {("smollm2-135m", "needle")}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["+experiment=cpu_needle_grid"])
-        assert list(cfg.task.lengths) == [2000, 4000] and cfg.grid.skip_invalid
+        assert list(cfg.task.lengths) == [2000, 4000] and cfg.grid.skip_invalid and cfg.threads == 1
     rejected = []
     for _, _, name, budget in cells:
         opts = {k: v for k, v in yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text()).items() if k != "name"}
