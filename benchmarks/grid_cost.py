@@ -25,8 +25,8 @@ def timed(overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     start = time.perf_counter()
-    run(cfg)
-    return time.perf_counter() - start
+    results = run(cfg)
+    return time.perf_counter() - start, results
 
 
 def main():
@@ -40,21 +40,25 @@ def main():
         base = [f"model={args.model}", "task=needle", f"task.lengths=[{args.length}]", f"limit={args.samples}",
                 "update_leaderboard=false", "progress=false"]
         timed(base + [f"output_dir={tmp}/warm", "method=full"])  # model cache warm-up, not counted
-        full = timed(base + [f"output_dir={tmp}/full", "method=full"])
-        grid = timed(base + [f"output_dir={tmp}/grid", f"grid.methods=[{','.join(METHODS)}]",
-                             f"grid.budgets=[{','.join(map(str, BUDGETS))}]"])
-        n_cells = 1 + (len(METHODS) - 1) * len(BUDGETS)
-        rows = [("single full-KV run", full), (f"grid, {n_cells} cells, shared prefill", grid)]
+        full, [full_metrics] = timed(base + [f"output_dir={tmp}/full", "method=full"])
+        grid, cells = timed(base + [f"output_dir={tmp}/grid", f"grid.methods=[{','.join(METHODS)}]",
+                                    f"grid.budgets=[{','.join(map(str, BUDGETS))}]", "grid.skip_invalid=true"])
+        rows = [("single full-KV run", full), (f"grid, {len(cells)} cells, shared prefill", grid)]
         if args.separate:
-            separate = timed(base + [f"output_dir={tmp}/sep", "method=full"])
-            for m in METHODS[1:]:
-                for b in BUDGETS:
-                    separate += timed(base + [f"output_dir={tmp}/sep", f"method={m}", f"budget={b}"])
-            rows.append((f"{n_cells} separate runs", separate))
+            separate = 0.0
+            for cell in cells:
+                budget = cell["run"]["budget"]
+                separate += timed(base + [f"output_dir={tmp}/sep", f"method={cell['run']['method']}"]
+                                  + ([f"budget={budget}"] if budget is not None else []))[0]
+            rows.append((f"{len(cells)} separate runs", separate))
     print(f"model={args.model} needle length={args.length} samples={args.samples}")
     print(f"{'configuration':<40} {'seconds':>9} {'vs full run':>12}")
     for name, seconds in rows:
         print(f"{name:<40} {seconds:>9.1f} {seconds / full:>12.2f}")
+    prefill = full_metrics["timing"]["prefill_s_mean"]
+    decode = [c["timing"]["decode_s_mean"] for c in cells]
+    print(f"per sample: one prefill {prefill:.2f} s; decode per cell {sum(decode) / len(decode):.2f} s on average, "
+          f"{sum(decode):.2f} s for all {len(cells)} cells (full KV alone {full_metrics['timing']['decode_s_mean']:.2f} s)")
 
 
 if __name__ == "__main__":
