@@ -1,6 +1,7 @@
 """One evaluation run: a model, a task, a KV method at a budget -> predictions, metrics and env on disk."""
 from __future__ import annotations
 
+import json
 import logging
 import resource
 from contextlib import ExitStack
@@ -248,6 +249,12 @@ def run(cfg: DictConfig) -> list[dict]:
     shard = parse_shard(cfg.get("shard"))
     cells = [make_cell(c, spec.name, shard) for c in grid_configs(cfg)]
 
+    finished = [finished_metrics(cell, cfg.get("limit"), shard) for cell in cells]
+    if all(finished):
+        for cell, metrics in zip(cells, finished):
+            print(f"{cell.label}: already complete, score {metrics['score']:.2f} over {metrics['n_samples']} samples "
+                  f"-> {cell.out_dir}")
+        return finished
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -262,6 +269,24 @@ def run(cfg: DictConfig) -> list[dict]:
             cell.out_dir.mkdir(parents=True, exist_ok=True)
             locks.enter_context(lock_cell(cell))
         return _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts)
+
+
+def metrics_name(shard: tuple[int, int] | None) -> str:
+    return "metrics.json" if shard is None else f"metrics.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def finished_metrics(cell: Cell, limit, shard) -> dict | None:
+    """The cell's metrics when an earlier run with the same limit completed it (so no model needs loading)."""
+    path = cell.out_dir / metrics_name(shard)
+    try:
+        metrics = json.loads(path.read_text())
+        info = metrics["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if info.get("complete") and "limit" in info and info["limit"] == limit \
+            and len(cell.preds.records) >= info.get("n_expected", float("inf")):
+        return metrics
+    return None
 
 
 def lock_cell(cell: Cell) -> FileLock:
@@ -313,8 +338,8 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
                 "config_hash": cell.config_hash, "protocol_hash": stable_hash(task.protocol()),
                 "protocol": task.protocol(), "code_version": code_version(),
                 "complete": len(records) == len(wanted), "n_expected": len(wanted),
-                "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
+                "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+                "limit": cell.cfg.get("limit")}
     metrics = summarise(task, records, run_info)
-    name = "metrics.json" if shard is None else f"metrics.shard-{shard[0]}-of-{shard[1]}.json"
-    write_json_atomic(cell.out_dir / name, metrics)
+    write_json_atomic(cell.out_dir / metrics_name(shard), metrics)
     return metrics

@@ -173,3 +173,18 @@ def test_second_job_on_a_running_cell_fails_at_once(compose_cfg, tmp_path):
     assert len(read_predictions(out)) == 1
     [resumed] = run(compose_cfg(*args, "limit=2"))  # lock released: the rerun resumes
     assert resumed["n_samples"] == 2 and len(read_predictions(out)) == 2
+
+
+def test_complete_cells_return_without_loading_the_model(compose_cfg, tmp_path, monkeypatch):
+    import rocketkv.runner as runner
+
+    args = [*TINY, f"output_dir={tmp_path}", "grid.methods=[full,rocketkv]", "grid.budgets=[64]", "limit=2"]
+    first = run(compose_cfg(*args))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded for cells that are already complete")
+
+    monkeypatch.setattr(runner, "load_model", no_model)
+    assert run(compose_cfg(*args)) == first
+    with pytest.raises(AssertionError, match="model was loaded"):  # a larger limit has samples left to run
+        run(compose_cfg(*args[:-1], "limit=3"))
