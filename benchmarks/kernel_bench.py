@@ -2,16 +2,18 @@
 
 Default shape: Llama-3.1-8B decode (8 KV heads, g=4, d=128) at a 32k context
 with a 256-token budget. For each kernel it prints time, achieved GB/s over the
-bytes-moved floor (every byte the kernel must read, plus its output), and the
-torch/triton time ratio. Needs CUDA; on CPU it says so and times the torch path
-at a tiny size.
+bytes-moved floor (every byte the kernel must read, plus its output), the floor
+time (floor bytes at --peak-gbps), each backend's time as a multiple of it, and
+the torch/triton time ratio. Needs CUDA; on CPU it says so and times the torch
+path at a tiny size. --json PATH also writes the rows as JSON.
 
-    python benchmarks/kernel_bench.py [--context 32768 --budget 256 --page-size 16 --channels 32]
+    python benchmarks/kernel_bench.py [--context 32768 --budget 256 --page-size 16 --channels 32] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -103,7 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--channels", type=int, default=32, help="r, channels kept by rocketkv_page_scores")
     parser.add_argument("--dtypes", default="float16,bfloat16")
-    parser.add_argument("--peak-gbps", type=float, default=H200_PEAK_GBPS, help="HBM peak for the %%peak column")
+    parser.add_argument("--peak-gbps", type=float, default=H200_PEAK_GBPS,
+                        help="HBM peak for the %%peak, floor us and x floor columns")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
     on_cuda = torch.cuda.is_available() and kernels.triton_available()
@@ -119,32 +123,46 @@ def main(argv=None) -> int:
         f"B={args.batch} Hkv={args.kv_heads} g={args.group} d={args.head_dim} context={args.context} "
         f"budget={args.budget} page={args.page_size} r={args.channels} device={device}"
     )
-    print("floor = bytes each kernel must read plus its output; GB/s = floor / time\n")
-    header = f"{'kernel':<24} {'dtype':<9} {'floor MB':>9} {'torch us':>9} {'torch GB/s':>10}"
+    print("floor = bytes each kernel must read plus its output; GB/s = floor / time; floor us = floor bytes at "
+          f"{args.peak_gbps:g} GB/s; x floor = time / floor us\n")
+    header = f"{'kernel':<24} {'dtype':<9} {'floor MB':>9} {'floor us':>8} {'torch us':>9} {'torch GB/s':>10} {'x floor':>8}"
     if "triton" in backends:
-        header += f" {'triton us':>9} {'triton GB/s':>11} {'% peak':>7} {'torch/triton':>12} {'max err':>8}"
+        header += (f" {'triton us':>9} {'triton GB/s':>11} {'% peak':>7} {'x floor':>8} {'torch/triton':>12}"
+                   f" {'max err':>8}")
     print(header)
     print("-" * len(header))
 
+    records = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for case in build_cases(args, dtype, device):
             times = {backend: time_ms(lambda: case.run(backend), device) for backend in backends}
             bandwidth = {backend: case.floor_bytes / (ms * 1e-3) / 1e9 for backend, ms in times.items()}
+            floor_us = case.floor_bytes / (args.peak_gbps * 1e9) * 1e6
+            record = {"kernel": case.name, "dtype": dtype_name, "device": device, "context": args.context,
+                      "budget": args.budget, "floor_bytes": case.floor_bytes, "floor_us": floor_us,
+                      "peak_gbps": args.peak_gbps, "torch_us": times["torch"] * 1e3}
             row = (
-                f"{case.name:<24} {dtype_name:<9} {case.floor_bytes / 1e6:>9.3f} "
-                f"{times['torch'] * 1e3:>9.1f} {bandwidth['torch']:>10.1f}"
+                f"{case.name:<24} {dtype_name:<9} {case.floor_bytes / 1e6:>9.3f} {floor_us:>8.2f} "
+                f"{times['torch'] * 1e3:>9.1f} {bandwidth['torch']:>10.1f} {times['torch'] * 1e3 / floor_us:>7.1f}x"
             )
             if "triton" in backends:
                 error = (case.run("triton").float() - case.run("torch").float()).abs().max().item()
+                record.update(triton_us=times["triton"] * 1e3, max_err=error,
+                              torch_over_triton=times["torch"] / times["triton"])
                 row += (
                     f" {times['triton'] * 1e3:>9.1f} {bandwidth['triton']:>11.1f}"
                     f" {100 * bandwidth['triton'] / args.peak_gbps:>6.1f}%"
+                    f" {times['triton'] * 1e3 / floor_us:>7.1f}x"
                     f" {times['torch'] / times['triton']:>11.2f}x {error:>8.1e}"
                 )
+            records.append(record)
             print(row)
         if device == "cuda":
             torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
     return 0
 
 

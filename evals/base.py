@@ -3,7 +3,7 @@
 A task turns its config into a deterministic list of ``Sample`` objects, scores one prediction at a time and
 aggregates the scored records of a run into ``metrics.json`` fields.  The runner owns tokenisation of the final
 prompt, middle truncation to the model's context, the chat template, generation and the results files; a task
-never sees a KV method.
+never sees a KV method.  A task that needs exact token ids (``task=efficiency``) gives them in ``prompt_ids``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class Sample:
     subtask: str = ""  # LongBench subset, RULER task, needle cell ...
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras the scorer and report use
     answer_prefix: str = ""  # text appended after the chat template (RULER's answer prefixes)
+    prompt_ids: list[int] | None = None  # exact prompt token ids, used as they are (no template, no truncation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +37,10 @@ class Task(ABC):
     name: str = ""
     # "task": ``limit=N`` runs the first N samples; "subtask": the first N of every subtask (LongBench, RULER).
     limit_scope: str = "task"
+    # Decode every sample to exactly ``max_new_tokens`` (no stop at EOS), e.g. for speed measurements.
+    ignore_eos: bool = False
+    # What the headline ``score`` measures, as the runner prints it.
+    score_name: str = "score"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -51,10 +56,17 @@ class Task(ABC):
     def score(self, sample: Sample, prediction: str) -> float:
         """Score of one prediction, 0-100."""
 
+    def score_record(self, sample: Sample, record: dict) -> float:
+        """Score of one finished prediction record (text, token counts, timings, the method's statistics).
+
+        The default scores the prediction text; a task that scores something else (speed) overrides this.
+        """
+        return self.score(sample, record["prediction"])
+
     def aggregate(self, records: list[dict]) -> dict:
         """Fields for ``metrics.json`` from the scored prediction records of a run.
 
-        Must contain ``score`` (the headline number, 0-100) and ``subtasks`` (``{name: {"score", "n"}}``).
+        Must contain ``score`` (the headline number: 0-100 for accuracy tasks, else what ``score_name`` says) and ``subtasks`` (``{name: {"score", "n"}}``).
         The default is the mean over subtasks of the mean per subtask.
         """
         return mean_over_subtasks(records)
@@ -62,6 +74,11 @@ class Task(ABC):
     def protocol(self) -> dict:
         """Everything that defines the task's prompts and scoring; hashed into every result."""
         return {"task": self.name}
+
+    def summary(self, results: list[dict]) -> str | None:
+        """A text table the runner prints at the end of a run, from the ``metrics.json`` of every cell of the run
+        (each with its ``run`` info: method, budget, ``reference`` for the full-KV cell); None prints nothing."""
+        return None
 
 
 def mean_over_subtasks(records: list[dict]) -> dict:

@@ -1,6 +1,8 @@
-"""Greedy decoding, batch size 1, with separate prefill and decode timings and stop strings."""
+"""Greedy decoding, batch size 1, with separate prefill and decode timings, stop strings and per-phase peak
+memory."""
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 
@@ -44,6 +46,64 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+class PeakMemory:
+    """Peak memory of one phase (``reset`` ... ``read``).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). CPU on Linux: the process's peak resident set
+    (``VmHWM``, reset through ``/proc/self/clear_refs``), which also counts the weights, the Python heap and memory
+    the allocator keeps after a free. Elsewhere ``read`` returns None (``source`` says which one applies).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.source = "cuda_max_allocated"
+        elif _reset_rss_peak():
+            self.source = "process_peak_rss"
+        else:
+            self.source = None
+
+    def reset(self) -> None:
+        if self.source == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.source == "process_peak_rss":
+            _reset_rss_peak()
+
+    def read(self) -> int | None:
+        if self.source == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.source == "process_peak_rss":
+            return _rss_peak()
+        return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        return _rss_peak() is not None
+    except OSError:
+        return False
+
+
+def _rss_peak() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def process_peak_rss() -> int:
+    """Peak resident set of the process over its whole life."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def forward(model, token_ids: list[int], cache) -> torch.Tensor:
     """Logits of the last position after feeding ``token_ids`` into ``cache``."""
     ids = torch.tensor([token_ids], device=model.device)
@@ -64,10 +124,11 @@ def prefill(model, prompt_ids: list[int], cache, split_last: bool) -> tuple[torc
 
 @torch.inference_mode()
 def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int,
-           stop: list[str] | None = None) -> tuple[list[int], str, float]:
-    """Greedy tokens from ``logits`` on: stops at EOS, a stop string (cut from the text) or ``max_new_tokens``."""
+           stop: list[str] | None = None, ignore_eos: bool = False) -> tuple[list[int], str, float]:
+    """Greedy tokens from ``logits`` on: stops at EOS (unless ``ignore_eos``), a stop string (cut from the text) or
+    ``max_new_tokens``.  The first token comes from ``logits``; the timed loop runs one forward per later token."""
     stop = [s for s in (stop or []) if s]
-    eos = eos_token_ids(model, tokenizer)
+    eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
     new: list[int] = []
     text = ""
     with Timer(model.device) as t:
@@ -89,7 +150,7 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int,
 
 
 def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, cache,
-                    stop: list[str] | None = None, split_last: bool = False) -> Generation:
+                    stop: list[str] | None = None, split_last: bool = False, ignore_eos: bool = False) -> Generation:
     logits, t_prefill = prefill(model, prompt_ids, cache, split_last)
-    tokens, text, t_decode = decode(model, tokenizer, logits, cache, max_new_tokens, stop)
+    tokens, text, t_decode = decode(model, tokenizer, logits, cache, max_new_tokens, stop, ignore_eos)
     return Generation(tokens, text, t_prefill, t_decode)

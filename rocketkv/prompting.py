@@ -25,8 +25,15 @@ def prompt_token_ids(tokenizer: Any, sample: Sample, model_chat: bool, model_max
 
     As in LongBench's official protocol, the raw prompt is truncated in the middle to leave room for the
     generated tokens and the template, then wrapped in the chat template (when both the task and the model use
-    one), then followed by the task's answer prefix.
+    one), then followed by the task's answer prefix.  A sample with ``prompt_ids`` is used as it is; it must
+    leave room for ``max_new_tokens``.
     """
+    if sample.prompt_ids is not None:
+        ids = [int(i) for i in sample.prompt_ids]
+        if len(ids) + sample.max_new_tokens > model_max_len:
+            raise ValueError(f"sample {sample.id!r}: {len(ids)} prompt tokens plus {sample.max_new_tokens} new tokens "
+                             f"exceed the model's max length {model_max_len}")
+        return ids
     raw = tokenizer(sample.prompt, add_special_tokens=False).input_ids
     chat = uses_chat_template(tokenizer, sample, model_chat)
     overhead = len(_wrap(tokenizer, "", chat, sample.answer_prefix))

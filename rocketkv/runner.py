@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from evals.base import Sample, Task, stable_hash
-from rocketkv.generation import Timer, decode, forward, greedy_generate
+from rocketkv.generation import PeakMemory, Timer, decode, forward, prefill, process_peak_rss
 from rocketkv.methods import METHODS, Method, make_method
 from rocketkv.models import ModelSpec, load_model
 from rocketkv.prompting import prompt_token_ids
@@ -26,7 +25,8 @@ from rocketkv.session import compress
 log = logging.getLogger(__name__)
 
 METHOD_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
-STAT_KEYS = ("kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes")
+STAT_KEYS = ("kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes",
+             "metadata_bytes")
 
 
 def method_options(cfg: DictConfig) -> dict:
@@ -88,12 +88,6 @@ def predictions_name(shard: tuple[int, int] | None) -> str:
     return "predictions.jsonl" if shard is None else f"predictions.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 @dataclass
 class Cell:
     """One (method, budget) configuration of a run or a grid, with its results folder."""
@@ -148,53 +142,103 @@ def grid_configs(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
+@dataclass
+class Memory:
+    """Peak memory of one sample in one cell (see ``PeakMemory`` for what is measured on which device)."""
+
+    peak: int | None  # the sample's peak, prefill included (the shared prefill's, in a grid)
+    decode_peak: int | None  # peak of the timed decode loop, less what a shared prefill holds for other cells
+    source: str | None
+
+
 def sample_record(sample: Sample, ids: list[int], text: str, new_tokens: int, t_prefill: float, t_decode: float,
-                  session, task: Task, device: torch.device) -> dict:
+                  session, task: Task, memory: Memory) -> dict:
     stats = session.stats()
-    return {
+    record = {
         "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(ids),
-        "prediction": text, "references": sample.references, "score": task.score(sample, text),
+        "prediction": text, "references": sample.references, "score": None,
         "new_tokens": new_tokens, "time_prefill_s": t_prefill, "time_decode_s": t_decode,
-        "peak_mem_bytes": peak_memory_bytes(device), "stats": {k: stats.get(k) for k in STAT_KEYS},
+        "peak_mem_bytes": memory.peak, "decode_peak_mem_bytes": memory.decode_peak,
+        "peak_mem_source": memory.source, "stats": {k: stats.get(k) for k in STAT_KEYS},
         "budget_params": session.plan or {},
     }
+    record["score"] = task.score_record(sample, record)
+    return record
+
+
+def _peak(mem: PeakMemory, *phases: int | None) -> int | None:
+    """The sample's peak over its phases; without a per-phase probe (CPU off Linux) the process's lifetime peak."""
+    known = [p for p in phases if p is not None]
+    if known:
+        return max(known)
+    return None if mem.device.type == "cuda" else process_peak_rss()
+
+
+def held_bytes(cache) -> int:
+    """Bytes of every tensor storage a cache holds (K/V, positions, masks, captured queries, metadata)."""
+    storages = {}
+    for layer in cache.layers:
+        tensors = [layer.keys, layer.values, layer.positions, layer.visible, layer.captured_q,
+                   *getattr(layer, "meta", {}).values()]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.numel():
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cell: Cell, task: Task) -> dict:
     """One sample of one cell with its own prefill."""
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
+    mem = PeakMemory(model.device)
+    mem.reset()
     split = cell.method.decode_last_prompt_token
     with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
                   model_max_len=spec.max_len, **cell.options) as session:
         cache = session.new_cache(sample.max_new_tokens, prompt_len=len(ids) if split else None)
-        gen = greedy_generate(model, tokenizer, ids, sample.max_new_tokens, cache, stop=sample.stop, split_last=split)
-    return sample_record(sample, ids, gen.text, len(gen.token_ids), gen.time_prefill_s, gen.time_decode_s, session,
-                         task, model.device)
+        logits, t_prefill = prefill(model, ids, cache, split)
+        prefill_peak = mem.read()
+        mem.reset()
+        tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
+                                        task.ignore_eos)
+        decode_peak = mem.read()
+    memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
+    return sample_record(sample, ids, text, len(tokens), t_prefill, t_decode, session, task, memory)
 
 
 def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
                              task: Task) -> list[dict]:
-    """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it."""
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
+    """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it.
+
+    Each cell's decode is timed alone, and its peak memory is measured from its own start; the decode peak
+    excludes the shared prefill cache, which a separate run of the cell would not hold."""
+    mem = PeakMemory(model.device)
+    mem.reset()
     window = max(c.method.window for c in cells)
     with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
                   model_max_len=spec.max_len) as base:
         shared = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
         with Timer(model.device) as t_shared, torch.inference_mode():
             forward(model, ids[:-1], shared)
+    prefill_peak = mem.read()
+    held = held_bytes(shared)
     records = []
     for cell in cells:
+        mem.reset()
         with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
                       model_max_len=spec.max_len, **cell.options) as session:
             with Timer(model.device) as t_last, torch.inference_mode():
                 cache = session.fork(shared, sample.max_new_tokens)
                 logits = forward(model, ids[-1:], cache)
-            tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop)
-        del cache
+            fork_peak = mem.read()
+            mem.reset()
+            tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
+                                            task.ignore_eos)
+            decode_peak = mem.read()
+        del cache, logits
+        memory = Memory(_peak(mem, prefill_peak, fork_peak, decode_peak),
+                        None if decode_peak is None else max(0, decode_peak - held), mem.source)
         records.append(sample_record(sample, ids, text, len(tokens), t_shared.seconds + t_last.seconds, t_decode,
-                                     session, task, model.device))
+                                     session, task, memory))
     return records
 
 
@@ -327,7 +371,11 @@ def _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompt
 
         update_leaderboard(cfg.output_dir, plots=False)
     for cell, metrics in zip(cells, results):
-        print(f"{cell.label}: score {metrics['score']:.2f} over {metrics['n_samples']} samples -> {cell.out_dir}")
+        print(f"{cell.label}: {task.score_name} {metrics['score']:.2f} over {metrics['n_samples']} samples "
+              f"-> {cell.out_dir}")
+    table = task.summary(results)
+    if table:
+        print(table)
     return results
 
 
@@ -335,7 +383,8 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
     wanted = [s.id for s in samples]
     records = [cell.preds.records[i] for i in wanted if i in cell.preds.records]
     run_info = {"task": cell.cfg.task.name, "model": spec.name, "method": cell.name, "budget": cell.budget,
-                "config_hash": cell.config_hash, "protocol_hash": stable_hash(task.protocol()),
+                "reference": cell.method.is_reference, "config_hash": cell.config_hash,
+                "protocol_hash": stable_hash(task.protocol()),
                 "protocol": task.protocol(), "code_version": code_version(),
                 "complete": len(records) == len(wanted), "n_expected": len(wanted),
                 "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",

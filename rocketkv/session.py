@@ -139,7 +139,8 @@ def _prefill(layer, state, method, query, q, scaling):
     split = n - 1 if method.decode_last_prompt_token and state.split_prefill and n >= 2 else n
     hkv = layer.keys.shape[1]
     if state.capture_window:
-        layer.captured_q = q[..., max(0, split - state.capture_window):split, :]
+        # a copy: a view would keep every prefill query of the layer alive for as long as the shared cache
+        layer.captured_q = q[..., max(0, split - state.capture_window):split, :].clone()
         layer.captured_scaling = scaling
     prefix_out = F.scaled_dot_product_attention(query[:, :, :split], layer.keys[:, :, :split],
                                                 layer.values[:, :, :split], is_causal=True, scale=scaling,

@@ -33,7 +33,9 @@ def _load_check_module():
 _check = _load_check_module()
 make_page_inputs, make_sparse_inputs, run_checks = _check.make_page_inputs, _check.make_sparse_inputs, _check.run_checks
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HAS_CUDA = torch.cuda.is_available()
+# The CUDA cases show as skipped without a GPU (benchmarks/gpu_check.sh runs this module on one).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 
 # (batch, kv_heads, group, head_dim, num_pages, num_channels)
 PAGE_SHAPES = [
@@ -227,14 +229,14 @@ def test_triton_matches_torch_in_interpreter(kernel):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
 @pytest.mark.parametrize("kernel", ["page_scores", "sparse_decode"])
 def test_triton_matches_torch_on_cuda(kernel):
-    all_ok, lines = run_checks("cuda", kernel)
+    all_ok, lines = run_checks("cuda", kernel, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     assert all_ok, "\n".join(lines)
 
 
-@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
 def test_auto_backend_on_cuda_uses_triton_and_falls_back_for_odd_head_dim():
     q, keys, values, indices = make_sparse_inputs(1, 2, 4, 24, 40, 17, torch.float16, "cuda")
     got = kernels.sparse_decode_attention(q, keys, values, indices, 0.2)

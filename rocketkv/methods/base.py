@@ -49,6 +49,7 @@ class Method:
 
     name = ""
     uses_budget = True
+    is_reference = False  # the dense baseline other methods are compared with (full KV)
 
     def __post_init__(self):
         if self.extra:

@@ -9,3 +9,4 @@ from rocketkv.methods.base import Method, register
 class FullKV(Method):
     name = "full"
     uses_budget = False
+    is_reference = True

@@ -1,0 +1,109 @@
+"""The one table at the end of benchmarks/gpu_check.sh: each step's outcome, each kernel against its PyTorch
+reference and the bytes-moved floor, and each efficiency cell against full KV.
+
+    python benchmarks/gpu_check_summary.py --steps OUT/steps.tsv --kernels OUT/kernel_bench.json --results OUT/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def step_rows(steps_tsv: Path) -> list[list[str]]:
+    rows = []
+    if not steps_tsv.is_file():
+        return rows
+    for line in steps_tsv.read_text().splitlines():
+        name, status, seconds, log = (line.split("\t") + ["", "", "", ""])[:4]
+        result = ""
+        log_path = Path(log)
+        if log_path.is_file():
+            text = log_path.read_text(errors="replace")
+            counts = re.findall(r"\d+ (?:passed|failed|skipped|error|errors)\b", text)
+            result = ", ".join(dict.fromkeys(counts[-4:])) if "pytest" in name or "test" in name else ""
+        rows.append([name, status, seconds, result])
+    return rows
+
+
+def kernel_rows(kernels_json: Path) -> list[list[str]]:
+    if not kernels_json.is_file():
+        return [["kernel bench", "missing", "", f"{kernels_json} was not written"]]
+    rows = []
+    for r in json.loads(kernels_json.read_text()):
+        name = f"  {r['kernel']} {r['dtype']} ({r['context'] // 1024}k/{r['budget']})"
+        if "triton_us" in r:
+            result = (f"triton {r['triton_us']:.1f} us = {r['triton_us'] / r['floor_us']:.1f}x floor "
+                      f"({r['floor_us']:.1f} us); torch {r['torch_us']:.1f} us = {r['torch_over_triton']:.2f}x triton; "
+                      f"max err {r['max_err']:.1e}")
+        else:
+            result = f"torch {r['torch_us']:.1f} us on {r['device']} (no Triton timing)"
+        rows.append([name, "ok", "", result])
+    return rows
+
+
+def efficiency_rows(results: Path) -> list[list[str]]:
+    metrics = []
+    for path in sorted(results.glob("runs/efficiency/*/*/*/*/metrics.json")):
+        m = json.loads(path.read_text())
+        if isinstance(m.get("efficiency"), dict):
+            metrics.append(m)
+    if not metrics:
+        return [["efficiency", "missing", "", f"no efficiency metrics under {results}"]]
+    reference = next((m for m in metrics if m["run"].get("reference")), None)
+    metrics.sort(key=lambda m: (not m["run"].get("reference"), m["run"]["method"], m["run"]["budget"] or 0))
+    rows = []
+    for length in sorted({int(n) for m in metrics for n in m["efficiency"]}):
+        ref = (reference or {}).get("efficiency", {}).get(str(length), {})
+        for m in metrics:
+            e = m["efficiency"].get(str(length))
+            if not e:
+                continue
+            budget = m["run"]["budget"] if m["run"]["budget"] is not None else "full"
+
+            def ratio(key, digits=2):
+                value, base = e.get(key), ref.get(key)
+                return f"{value / base:.{digits}f}x" if value is not None and base else "-"
+
+            speed = e.get("decode_tokens_per_s")
+            result = (f"{speed:.1f} tok/s ({ratio('decode_tokens_per_s')} full), {e['ms_per_step']:.2f} ms/step; "
+                      f"read/step {ratio('bytes_read_per_step', 3)}, stored KV {ratio('stored_kv_bytes', 3)}, "
+                      f"peak mem {ratio('decode_peak_mem_bytes')}" if speed else "no timing")
+            rows.append([f"  {m['run']['model']} len={length} {m['run']['method']}@{budget}", "ok", "", result])
+    return rows
+
+
+def table(rows: list[list[str]]) -> str:
+    header = ["check", "status", "time s", "result"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}"  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths] + ["-" * 6]), *(fmt(r) for r in rows)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=Path, required=True)
+    ap.add_argument("--kernels", type=Path, required=True)
+    ap.add_argument("--results", type=Path, required=True)
+    args = ap.parse_args(argv)
+    steps = step_rows(args.steps)
+    rows = []
+    for row in steps:
+        rows.append(row)
+        if row[0].startswith("kernel bench"):
+            rows += kernel_rows(args.kernels)
+        elif row[0].startswith("efficiency"):
+            rows += efficiency_rows(args.results)
+    failed = [r[0] for r in steps if r[1] != "ok"]
+    total = sum(int(r[2]) for r in steps if r[2].isdigit())
+    print(f"== gpu_check summary: {len(steps) - len(failed)}/{len(steps)} steps ok, {total} s ==")
+    print(table(rows))
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (logs next to {args.steps})")
+    return 1 if failed or not steps else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

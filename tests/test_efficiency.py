@@ -1,0 +1,178 @@
+"""task=efficiency: random-token prompts, full-length decodes, the side-by-side table; benchmarks/gpu_check.sh."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO
+from evals.efficiency.task import EfficiencyTask, efficiency_table
+from rocketkv.generation import decode
+from rocketkv.models import tiny_tokenizer
+from rocketkv.prompting import prompt_token_ids
+from rocketkv.runner import held_bytes, run
+
+TINY = ["model=tiny-random", "task=efficiency", "progress=false"]
+
+
+def test_prompts_have_exact_lengths_no_special_tokens_and_depend_only_on_the_seed():
+    tok = tiny_tokenizer()
+    task = EfficiencyTask({"lengths": [64, 300], "repeats": 2, "seed": 3})
+    samples = task.samples(tok, 8192)
+    assert [s.id for s in samples] == ["warmup_len64", "len64_rep0", "len64_rep1", "len300_rep0", "len300_rep1"]
+    assert samples[0].meta["warmup"] and all(not s.meta.get("warmup") for s in samples[1:])
+    special = set(tok.all_special_ids)
+    for s in samples:
+        ids = prompt_token_ids(tok, s, model_chat=True, model_max_len=8192)
+        assert ids == s.prompt_ids and len(ids) == s.meta["length"] and not special & set(ids)
+        assert s.max_new_tokens == 50 and s.stop == []
+    again = EfficiencyTask({"lengths": [64, 300], "repeats": 2, "seed": 3}).samples(tok, 8192)
+    assert [s.prompt_ids for s in again] == [s.prompt_ids for s in samples]
+    other = EfficiencyTask({"lengths": [64, 300], "repeats": 2, "seed": 4}).samples(tok, 8192)
+    assert all(a.prompt_ids != b.prompt_ids for a, b in zip(other, samples))
+    assert len({tuple(s.prompt_ids) for s in samples}) == len(samples)  # warm-up and repeats differ
+
+
+@pytest.mark.parametrize("override,message", [
+    ("task.lengths=[1024,9000]", r"\[9000\].*max length 8192"),
+    ("task.lengths=[8150]", r"\[8150\].*use lengths <= 8142"),
+    ("task.lengths=[10]", "at least 64"),
+    ("task.max_new_tokens=1", "max_new_tokens=1"),
+])
+def test_bad_settings_fail_before_loading(compose_cfg, tmp_path, monkeypatch, override, message):
+    import rocketkv.runner as runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(ValueError, match=message):
+        run(compose_cfg(*TINY, f"output_dir={tmp_path}", override))
+
+
+def test_default_grid_is_full_plus_every_method_at_256(compose_cfg):
+    cfg = compose_cfg(*TINY)
+    assert list(cfg.grid.methods) == ["full", "snapkv", "quest", "sparq", "topk", "rocketkv"]
+    assert list(cfg.grid.budgets) == [256]
+    assert list(compose_cfg(*TINY, "grid.methods=[full,rocketkv]").grid.methods) == ["full", "rocketkv"]
+    assert list(compose_cfg("model=tiny-random").grid.methods) == []  # other tasks keep the empty grid
+
+
+class AlwaysEos(torch.nn.Module):
+    """Predicts EOS at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.generation_config = SimpleNamespace(eos_token_id=1)
+        self.steps = 0
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def forward(self, input_ids, **kwargs):
+        self.steps += 1
+        logits = torch.zeros(1, input_ids.shape[1], 8)
+        logits[..., 1] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_ignore_eos_decodes_every_token():
+    model, tok, first = AlwaysEos(), tiny_tokenizer(), torch.tensor([0.0, 1.0, 0.0])
+    assert decode(model, tok, first, None, 7)[0] == []
+    tokens, _, _ = decode(model, tok, first, None, 7, ignore_eos=True)
+    assert tokens == [1] * 7 and model.steps == 6  # the first token comes from the given logits
+
+
+def test_run_decodes_every_token_and_rocketkv_stores_and_reads_less(compose_cfg, tmp_path, capsys):
+    results = run(compose_cfg(*TINY, f"output_dir={tmp_path}", "task.lengths=[600]", "grid.budgets=[128]"))
+    by_method = {m["run"]["method"]: m for m in results}
+    assert sorted(by_method) == ["full", "quest", "rocketkv", "snapkv", "sparq", "topk"]
+    for metrics in results:
+        preds = [json.loads(line) for line in
+                 (Path(metrics["run"]["results_dir"]) / "predictions.jsonl").read_text().splitlines()]
+        assert [p["id"] for p in preds] == ["warmup_len600", "len600_rep0"]
+        assert all(p["new_tokens"] == 50 and p["prompt_tokens"] == 600 for p in preds), metrics["run"]["method"]
+        assert preds[0]["score"] is None and preds[1]["score"] > 0  # the warm-up is left out
+        assert metrics["n_warmup"] == 1 and metrics["subtasks"]["len=600"]["n"] == 1
+        e = metrics["efficiency"]["600"]
+        assert e["new_tokens"] == 50 and e["ms_per_step"] > 0
+        assert e["decode_tokens_per_s"] == pytest.approx(1e3 / e["ms_per_step"])
+    full, rocket = by_method["full"]["efficiency"]["600"], by_method["rocketkv"]["efficiency"]["600"]
+    assert by_method["full"]["run"]["reference"] and not by_method["rocketkv"]["run"]["reference"]
+    assert rocket["stored_kv_bytes"] < 0.8 * full["stored_kv_bytes"]
+    assert rocket["bytes_read_per_step"] < 0.6 * full["bytes_read_per_step"]
+
+    out = capsys.readouterr().out
+    assert "efficiency/tiny-random/rocketkv@128: decode tok/s" in out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.strip().startswith("600 ")}
+    assert sorted(rows) == ["full@full", "quest@128", "rocketkv@128", "snapkv@128", "sparq@128", "topk@128"]
+    assert rows["full@full"][4] == "1.00x" and rows["full@full"][8] == "1.000x" and rows["full@full"][10] == "1.000x"
+    read_ratio, stored_ratio = (float(rows["rocketkv@128"][i].rstrip("x")) for i in (8, 10))
+    assert read_ratio < 0.6 and stored_ratio < 0.8
+    assert (tmp_path / "leaderboard.csv").is_file()  # the report handles the task
+
+
+def test_table_without_full_kv_shows_no_ratios():
+    metrics = {"run": {"method": "rocketkv", "budget": 256, "model": "m", "reference": False},
+               "efficiency": {"1024": {"new_tokens": 50, "decode_tokens_per_s": 20.0, "ms_per_step": 50.0,
+                                       "decode_peak_mem_bytes": None, "peak_mem_source": None,
+                                       "bytes_read_per_step": 2**20, "stored_kv_bytes": 2**21,
+                                       "metadata_bytes": 0.0}}}
+    table = efficiency_table([metrics])
+    row = [line for line in table.splitlines() if line.strip().startswith("1024")][0].split()
+    assert row[1:] == ["rocketkv@256", "20.0", "50.00", "-", "-", "-", "1.000", "-", "2.000", "-", "0.000"]
+    assert "not measured" in table and efficiency_table([{"score": 1.0}]) is None
+
+
+def test_shared_prefill_keeps_only_the_window_queries():
+    from rocketkv.models import build_tiny_random
+    from rocketkv.generation import forward
+    from rocketkv.session import compress
+
+    model, _ = build_tiny_random()
+    ids = list(range(3, 203))
+    with compress(model, method="full", budget=None, max_new_tokens=4) as base:
+        shared = base.new_cache(4, prompt_len=len(ids), capture_window=32)
+        with torch.inference_mode():
+            forward(model, ids[:-1], shared)
+    layer = shared.layers[0]
+    q = layer.captured_q
+    assert q.shape[-2] == 32 and q.untyped_storage().nbytes() == q.numel() * q.element_size()
+    kv = sum(l.kv_bytes() for l in shared.layers)
+    assert kv < held_bytes(shared) < kv * 1.5
+
+
+def test_gpu_check_script_parses_and_fails_fast_without_cuda(tmp_path):
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run for minutes")
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_ALLOW_CPU"}
+    env.update(GPU_CHECK_OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_summary_is_one_table(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", REPO / "benchmarks" / "gpu_check_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    (tmp_path / "tests.log").write_text("....\n40 passed, 2 skipped in 30.1s\n")
+    (tmp_path / "steps.tsv").write_text(
+        f"kernel tests (CUDA)\tok\t31\t{tmp_path / 'tests.log'}\n"
+        "kernel bench 32k / budget 256\tok\t20\t\n"
+        "efficiency (m)\ttimeout after 210s\t210\t\n")
+    (tmp_path / "kb.json").write_text(json.dumps([{
+        "kernel": "sparse_decode_attention", "dtype": "bfloat16", "device": "cuda", "context": 32768, "budget": 256,
+        "floor_bytes": 4_000_000, "floor_us": 0.9, "peak_gbps": 4800.0, "torch_us": 90.0, "triton_us": 9.0,
+        "max_err": 1e-3, "torch_over_triton": 10.0}]))
+    assert summary.main(["--steps", str(tmp_path / "steps.tsv"), "--kernels", str(tmp_path / "kb.json"),
+                         "--results", str(tmp_path / "none")]) == 1
+    out = capsys.readouterr().out
+    assert "2/3 steps ok, 261 s" in out and "40 passed, 2 skipped" in out
+    assert "triton 9.0 us = 10.0x floor (0.9 us); torch 90.0 us = 10.00x triton" in out
+    assert "no efficiency metrics" in out and "FAILED: efficiency (m)" in out
