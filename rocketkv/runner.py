@@ -271,14 +271,15 @@ def summarise(task: Task, records: list[dict], run_info: dict) -> dict:
     n = len(records)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     metrics["n_samples"] = n
-    metrics["stats"] = {k: mean([r["stats"][k] for r in records if r.get("stats", {}).get(k) is not None])
+    counted = [r for r in records if r.get("score") is not None]  # a task scores warm-up samples None
+    metrics["stats"] = {k: mean([r["stats"][k] for r in counted if r.get("stats", {}).get(k) is not None])
                         for k in STAT_KEYS}
-    decode_s = sum(r["time_decode_s"] for r in records)
+    decode_s = sum(r["time_decode_s"] for r in counted)
     metrics["timing"] = {
-        "prefill_s_mean": mean([r["time_prefill_s"] for r in records]),
-        "decode_s_mean": mean([r["time_decode_s"] for r in records]),
-        "decode_tokens_per_s": (sum(r["new_tokens"] for r in records) / decode_s) if decode_s > 0 else None,
-        "peak_mem_bytes_max": max((r.get("peak_mem_bytes") or 0 for r in records), default=None),
+        "prefill_s_mean": mean([r["time_prefill_s"] for r in counted]),
+        "decode_s_mean": mean([r["time_decode_s"] for r in counted]),
+        "decode_tokens_per_s": (sum(r["new_tokens"] for r in counted) / decode_s) if decode_s > 0 else None,
+        "peak_mem_bytes_max": max((r.get("peak_mem_bytes") or 0 for r in counted), default=None),
     }
     metrics["run"] = run_info
     return metrics
