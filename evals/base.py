@@ -31,6 +31,14 @@ class Sample:
         return asdict(self)
 
 
+def check_lengths_fit(lengths: list[int], max_new_tokens: int, model_max_len: int) -> None:
+    """Prompt lengths (model tokens) plus the generated tokens must fit the model's context."""
+    too_long = [n for n in lengths if n + max_new_tokens > model_max_len]
+    if too_long:
+        raise ValueError(f"task.lengths {too_long} plus {max_new_tokens} new tokens exceed the model's max length "
+                         f"{model_max_len}; use lengths <= {model_max_len - max_new_tokens}")
+
+
 class Task(ABC):
     """Base class for tasks. ``cfg`` is the task's config node (a plain dict or an OmegaConf DictConfig)."""
 

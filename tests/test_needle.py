@@ -48,3 +48,9 @@ def test_bad_options_are_named():
         make(haystack="essays")
     with pytest.raises(ValueError, match=r"task.depths \[1.5\]"):
         make(depths=[1.5])
+
+
+def test_length_that_does_not_fit_the_model_is_rejected():
+    with pytest.raises(ValueError, match=r"task.lengths \[8190\] plus 16 new tokens .* 8192; use lengths <= 8176"):
+        make(lengths=[4000, 8190]).validate(8192)
+    make(lengths=[4000, 8176]).validate(8192)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 
-from evals.base import Sample, Task, stable_hash
+from evals.base import Sample, Task, check_lengths_fit, stable_hash
 
 MIB = 2**20
 WARMUP = "warmup"
@@ -66,10 +66,7 @@ class EfficiencyTask(Task):
             raise ValueError(f"task.max_new_tokens={self.max_new_tokens} must be >= 2 (one timed decode step or more)")
 
     def validate(self, model_max_len: int) -> None:
-        too_long = [n for n in self.lengths if n + self.max_new_tokens > model_max_len]
-        if too_long:
-            raise ValueError(f"task.lengths {too_long} plus {self.max_new_tokens} new tokens exceed the model's max "
-                             f"length {model_max_len}; use lengths <= {model_max_len - self.max_new_tokens}")
+        check_lengths_fit(self.lengths, self.max_new_tokens, model_max_len)
 
     def samples(self, tokenizer, model_max_len):
         allowed = allowed_token_ids(tokenizer)

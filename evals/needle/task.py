@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from evals.base import Sample, Task
+from evals.base import Sample, Task, check_lengths_fit
 from evals.haystack import HAYSTACKS, haystack_ids
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -48,10 +48,7 @@ class NeedleTask(Task):
             raise ValueError(f"task.repeats={self.repeats} must be >= 1")
 
     def validate(self, model_max_len: int) -> None:
-        too_long = [n for n in self.lengths if n + self.max_new_tokens > model_max_len]
-        if too_long:
-            raise ValueError(f"task.lengths {too_long} plus {self.max_new_tokens} new tokens exceed the model's "
-                             f"max length {model_max_len}")
+        check_lengths_fit(self.lengths, self.max_new_tokens, model_max_len)
 
     def samples(self, tokenizer, model_max_len):
         rng = random.Random(self.seed)
