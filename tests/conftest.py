@@ -38,3 +38,24 @@ def peaky_model(arch="llama"):
             elif any(s in name for s in ("embed_tokens", "lm_head", "v_proj", "o_proj")):
                 p.mul_(5)
     return model
+
+
+def greedy_steps(model, cache, logits, max_new, feed_last=True):
+    """Greedy decoding from the logits of the last token fed: (tokens [B, max_new], logits of every step).
+
+    ``feed_last=False`` does not feed the last chosen token back, so the cache ends where a real decode ends."""
+    tokens, all_logits = [], []
+    with torch.no_grad():
+        for i in range(max_new):
+            all_logits.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if feed_last or i + 1 < max_new:
+                logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+def prompt_logits(model, cache, ids):
+    """Logits after the prompt, fed whole into ``cache``."""
+    with torch.no_grad():
+        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]

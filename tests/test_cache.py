@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from conftest import peaky_model
+from conftest import greedy_steps, peaky_model, prompt_logits
 from rocketkv.session import compress
 
 PROMPT_LEN, MAX_NEW = 90, 8
@@ -19,16 +19,8 @@ def run(model, method, budget, max_new=MAX_NEW, ids=None, **opts):
     ids = prompt() if ids is None else ids
     with compress(model, method, budget, max_new_tokens=max_new, **opts) as session:
         cache = session.new_cache()
-        tokens, logits_all = [], []
-        with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-            for i in range(max_new):
-                logits_all.append(logits)
-                nxt = logits.argmax(-1, keepdim=True)
-                tokens.append(nxt)
-                if i + 1 < max_new:
-                    logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
-    return session, cache, torch.cat(tokens, 1), torch.stack(logits_all, 1)
+        tokens, logits = greedy_steps(model, cache, prompt_logits(model, cache, ids), max_new, feed_last=False)
+    return session, cache, tokens, logits
 
 
 # ------------------------------------------------------------------ sizes

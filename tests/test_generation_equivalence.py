@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from conftest import peaky_model
+from conftest import greedy_steps, peaky_model, prompt_logits
 from rocketkv.models import TINY_ARCHS
 from rocketkv.session import compress
 
@@ -98,15 +98,7 @@ SMALL = [("full", None, {}), ("topk", 32, {}), ("snapkv", 48 * 4, {"selection": 
 
 
 def manual_loop(model, cache, ids, max_new):
-    tokens, all_logits = [], []
-    with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        for _ in range(max_new):
-            all_logits.append(logits)
-            nxt = logits.argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
+    return greedy_steps(model, cache, prompt_logits(model, cache, ids), max_new)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -244,18 +236,6 @@ def test_bad_budget_refused_before_touching_model():
 
 
 # ------------------------------------------------------------------ split prefill and shared-prefill forks
-def loop_from(model, cache, first_logits, max_new):
-    tokens, all_logits = [], []
-    logits = first_logits
-    with torch.no_grad():
-        for _ in range(max_new):
-            all_logits.append(logits)
-            nxt = logits.argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
-
-
 @pytest.mark.parametrize("method,budget,opts", SMALL)
 def test_split_prompt_feed_equals_whole_prompt(method, budget, opts):
     """``new_cache(prompt_len=L)``: feed prompt[:-1], then the last prompt token as the first decode step."""
@@ -268,7 +248,7 @@ def test_split_prompt_feed_equals_whole_prompt(method, budget, opts):
         with torch.no_grad():
             model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
             first = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens, logits = loop_from(model, cache, first, MAX_NEW)
+        tokens, logits = greedy_steps(model, cache, first, MAX_NEW)
         stats = session.stats()
     assert tokens.tolist() == ref_tokens.tolist()
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
@@ -297,7 +277,7 @@ def test_fork_from_shared_prefill_equals_direct():
             cache = session.fork(shared)
             with torch.no_grad():
                 first = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
-            tokens, logits = loop_from(model, cache, first, MAX_NEW)
+            tokens, logits = greedy_steps(model, cache, first, MAX_NEW)
             assert session.stats()["kept_tokens"] == ref_kept, method
         assert tokens.tolist() == ref_tokens.tolist(), (method, opts)
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)

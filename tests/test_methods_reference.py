@@ -38,6 +38,16 @@ def make_layer(method, b, hkv, g, d, n, seed=0, plan=None, max_new=16):
     return layer, k, v
 
 
+def grow_cache(layer, K, V, extra_k, extra_v, steps):
+    """Step 0 is the cache as built; each later step appends the next extra token, as decoding does.
+    Yields (step, stored slots, the whole cache's K and V in float64)."""
+    for step in range(steps):
+        if step:
+            layer.update(extra_k[:, :, step - 1: step], extra_v[:, :, step - 1: step])
+        yield (step, layer.stored, torch.cat([K, extra_k[:, :, :step]], dim=2).double(),
+               torch.cat([V, extra_v[:, :, :step]], dim=2).double())
+
+
 def spy_indices(monkeypatch, module_name):
     """Record the slot indices a method's decode hands to ``attend_indices``."""
     seen = []
@@ -203,12 +213,7 @@ def test_quest_reference(monkeypatch, shape, n, plan):
     # grow the cache a few tokens at a time: metadata must follow (last page filled, then new pages)
     extra_k = torch.randn(b, hkv, 5, d, generator=_gen(9))
     extra_v = torch.randn(b, hkv, 5, d, generator=_gen(10))
-    for step in range(4):
-        if step:
-            layer.update(extra_k[:, :, step - 1: step], extra_v[:, :, step - 1: step])
-        upto = layer.stored
-        K64 = torch.cat([K, extra_k[:, :, : step]], dim=2).double()
-        V64 = torch.cat([V, extra_v[:, :, : step]], dim=2).double()
+    for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, steps=4):
         q = torch.randn(b, hkv, g, d, generator=_gen(20 + step))
         q64 = q.double()
         m.index(layer, plan)
@@ -299,12 +304,7 @@ def test_rocketkv_stage2_reference(monkeypatch, shape, n, plan):
     scale = d ** -0.5
     extra_k = torch.randn(b, hkv, 4, d, generator=_gen(11))
     extra_v = torch.randn(b, hkv, 4, d, generator=_gen(12))
-    for step in range(3):
-        if step:
-            layer.update(extra_k[:, :, step - 1: step], extra_v[:, :, step - 1: step])
-        upto = layer.stored
-        K64 = torch.cat([K, extra_k[:, :, :step]], dim=2).double()
-        V64 = torch.cat([V, extra_v[:, :, :step]], dim=2).double()
+    for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, steps=3):
         q = torch.randn(b, hkv, g, d, generator=_gen(40 + step))
         if g > 1 and step == 1:
             q[:, :, 1, ::2] = -q[:, :, 0, ::2]  # channel sums of exactly 0 (sign -> -1, the min) when g == 2
