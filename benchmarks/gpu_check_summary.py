@@ -11,6 +11,8 @@ import re
 import sys
 from pathlib import Path
 
+from evals.efficiency.task import cell_label, cells_by_length, ratio
+
 
 def step_rows(steps_tsv: Path) -> list[list[str]]:
     rows = []
@@ -52,26 +54,17 @@ def efficiency_rows(results: Path) -> list[list[str]]:
             metrics.append(m)
     if not metrics:
         return [["efficiency", "missing", "", f"no efficiency metrics under {results}"]]
-    reference = next((m for m in metrics if m["run"].get("reference")), None)
     metrics.sort(key=lambda m: (not m["run"].get("reference"), m["run"]["method"], m["run"]["budget"] or 0))
     rows = []
-    for length in sorted({int(n) for m in metrics for n in m["efficiency"]}):
-        ref = (reference or {}).get("efficiency", {}).get(str(length), {})
-        for m in metrics:
-            e = m["efficiency"].get(str(length))
-            if not e:
-                continue
-            budget = m["run"]["budget"] if m["run"]["budget"] is not None else "full"
-
-            def ratio(key, digits=2):
-                value, base = e.get(key), ref.get(key)
-                return f"{value / base:.{digits}f}x" if value is not None and base else "-"
-
-            speed = e.get("decode_tokens_per_s")
-            result = (f"{speed:.1f} tok/s ({ratio('decode_tokens_per_s')} full), {e['ms_per_step']:.2f} ms/step; "
-                      f"read/step {ratio('bytes_read_per_step', 3)}, stored KV {ratio('stored_kv_bytes', 3)}, "
-                      f"peak mem {ratio('decode_peak_mem_bytes')}" if speed else "no timing")
-            rows.append([f"  {m['run']['model']} len={length} {m['run']['method']}@{budget}", "ok", "", result])
+    for length, m, e, ref in cells_by_length(metrics):
+        speed = e.get("decode_tokens_per_s")
+        result = (f"{speed:.1f} tok/s ({ratio(speed, ref.get('decode_tokens_per_s'))} full), "
+                  f"{e['ms_per_step']:.2f} ms/step; "
+                  f"read/step {ratio(e.get('bytes_read_per_step'), ref.get('bytes_read_per_step'), 3)}, "
+                  f"stored KV {ratio(e.get('stored_kv_bytes'), ref.get('stored_kv_bytes'), 3)}, "
+                  f"peak mem {ratio(e.get('decode_peak_mem_bytes'), ref.get('decode_peak_mem_bytes'))}"
+                  if speed else "no timing")
+        rows.append([f"  {m['run']['model']} len={length} {cell_label(m)}", "ok", "", result])
     return rows
 
 

@@ -150,7 +150,7 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int,
 
 
 def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, cache,
-                    stop: list[str] | None = None, split_last: bool = False, ignore_eos: bool = False) -> Generation:
+                    stop: list[str] | None = None, split_last: bool = False) -> Generation:
     logits, t_prefill = prefill(model, prompt_ids, cache, split_last)
-    tokens, text, t_decode = decode(model, tokenizer, logits, cache, max_new_tokens, stop, ignore_eos)
+    tokens, text, t_decode = decode(model, tokenizer, logits, cache, max_new_tokens, stop)
     return Generation(tokens, text, t_prefill, t_decode)

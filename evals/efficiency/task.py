@@ -140,7 +140,25 @@ PEAK_LABELS = {
 }
 
 
-def _ratio(value, reference, digits=2):
+def cells_by_length(results: list[dict]):
+    """Every efficiency cell of a run at every length, in the order given, as ``(length, metrics, this cell's
+    numbers at that length, the full-KV cell's numbers there, or {} when full KV is not in the run)``."""
+    cells = [m for m in results if isinstance(m.get("efficiency"), dict)]
+    reference = next((m for m in cells if m["run"].get("reference")), None)
+    for n in sorted({int(n) for m in cells for n in m["efficiency"]}):
+        ref = (reference or {}).get("efficiency", {}).get(str(n), {})
+        for m in cells:
+            e = m["efficiency"].get(str(n))
+            if e is not None:
+                yield n, m, e, ref
+
+
+def cell_label(metrics: dict) -> str:
+    run = metrics["run"]
+    return f"{run['method']}@{run['budget'] if run['budget'] is not None else 'full'}"
+
+
+def ratio(value, reference, digits=2):
     if value is None or not reference:
         return "-"
     return f"{value / reference:.{digits}f}x"
@@ -156,36 +174,25 @@ def _num(value, digits):
 
 def efficiency_table(results: list[dict]) -> str | None:
     """One row per length x method@budget with absolute numbers and ratios to the full-KV cell of the run."""
-    rows, sources = [], set()
-    cells = [m for m in results if isinstance(m.get("efficiency"), dict)]
-    if not cells:
+    entries = list(cells_by_length(results))
+    if not entries:
         return None
-    reference = next((m for m in cells if m["run"].get("reference")), None)
-    lengths = sorted({int(n) for m in cells for n in m["efficiency"]})
     header = ["length", "method@budget", "tok/s", "ms/step", "speedup", "peak MiB", "x full", "read/step MiB",
               "x full", "stored KV MiB", "x full", "+meta MiB"]
-    for n in lengths:
-        ref = (reference or {}).get("efficiency", {}).get(str(n), {})
-        for m in cells:
-            e = m["efficiency"].get(str(n))
-            if e is None:
-                continue
-            sources.add(e.get("peak_mem_source"))
-            label = f"{m['run']['method']}@{m['run']['budget'] if m['run']['budget'] is not None else 'full'}"
-            rows.append([str(n), label, _num(e["decode_tokens_per_s"], 1), _num(e["ms_per_step"], 2),
-                         _ratio(e["decode_tokens_per_s"], ref.get("decode_tokens_per_s")),
-                         _mib(e["decode_peak_mem_bytes"], 1), _ratio(e["decode_peak_mem_bytes"],
-                                                                     ref.get("decode_peak_mem_bytes")),
-                         _mib(e["bytes_read_per_step"], 3), _ratio(e["bytes_read_per_step"],
-                                                                   ref.get("bytes_read_per_step"), 3),
-                         _mib(e["stored_kv_bytes"], 3), _ratio(e["stored_kv_bytes"], ref.get("stored_kv_bytes"), 3),
-                         _mib(e.get("metadata_bytes"), 3)])
+    rows = [[str(n), cell_label(m), _num(e["decode_tokens_per_s"], 1), _num(e["ms_per_step"], 2),
+             ratio(e["decode_tokens_per_s"], ref.get("decode_tokens_per_s")),
+             _mib(e["decode_peak_mem_bytes"], 1), ratio(e["decode_peak_mem_bytes"], ref.get("decode_peak_mem_bytes")),
+             _mib(e["bytes_read_per_step"], 3), ratio(e["bytes_read_per_step"], ref.get("bytes_read_per_step"), 3),
+             _mib(e["stored_kv_bytes"], 3), ratio(e["stored_kv_bytes"], ref.get("stored_kv_bytes"), 3),
+             _mib(e.get("metadata_bytes"), 3)] for n, m, e, ref in entries]
+    sources = {e.get("peak_mem_source") for _, _, e, _ in entries}
+    reference = any(m["run"].get("reference") for _, m, _, _ in entries)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    first = cells[0]
-    new = first["efficiency"][str(lengths[0])].get("new_tokens") if lengths else None
+    _, first, first_numbers, _ = entries[0]
     lines = [
-        f"efficiency: {first['run'].get('model')}, {_num(new, 0)} new tokens, batch 1; one row per length x "
+        f"efficiency: {first['run'].get('model')}, {_num(first_numbers.get('new_tokens'), 0)} new tokens, batch 1; "
+        "one row per length x "
         f"method@budget; 'x full' = ratio to {'the full-KV cell' if reference else 'full KV (not in this run: -)'}",
         "tok/s and ms/step: the timed greedy decode loop (new tokens - 1 forward steps, this cell alone); "
         "speedup = tok/s / full's",
