@@ -35,10 +35,13 @@ class CompressedLayer(DynamicLayer):
         self.kept_after_prefill: float | None = None
         self.captured_q: torch.Tensor | None = None  # last prefill queries, kept for a shared-prefill grid
         self.captured_scaling: float | None = None
+        self._buffers: tuple[torch.Tensor, ...] | None = None  # (keys, values, positions) with spare slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         b, h = key_states.shape[:2]
+        self.keys = key_states.new_empty(b, h, 0, key_states.shape[-1])
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
         self.positions = torch.empty(b, h, 0, dtype=torch.long, device=key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -46,15 +49,32 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         b, h, n, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        self.keys, self.values, self.positions = self._append(n, key_states, value_states, new_pos)
         if self.visible is not None:
             ones = torch.ones(*self.visible.shape[:3], n, dtype=torch.bool, device=self.visible.device)
             self.visible = torch.cat([self.visible, ones], dim=-1)
         self.seen += n
         _active.layer = self
         return self.keys, self.values
+
+    def _append(self, n: int, *new: torch.Tensor) -> list[torch.Tensor]:
+        """Keys, values and positions with ``new`` appended along the slot axis, as views of buffers with room
+        for the decode steps ahead, so a step copies only its own token (not the whole cache, as ``cat`` does).
+        A buffer is (re)allocated when a slot axis was replaced (eviction, a fork) or is full."""
+        current = (self.keys, self.values, self.positions)
+        stored = current[0].shape[2]
+        room = self._buffers
+        fits = room is not None and all(v.data_ptr() == r.data_ptr() and v.stride() == r.stride()
+                                        for v, r in zip(current, room)) and stored + n <= room[0].shape[2]
+        if not fits:
+            capacity = stored + n + max(getattr(self.state, "max_new_tokens", 0) or 0, 16)
+            room = tuple(v.new_empty(*v.shape[:2], capacity, *v.shape[3:]) for v in current)
+            for r, v in zip(room, current):
+                r[:, :, :stored] = v
+            self._buffers = room
+        for r, x in zip(room, new):
+            r[:, :, stored:stored + n] = x
+        return [r[:, :, :stored + n] for r in room]
 
     @property
     def stored(self) -> int:
@@ -92,3 +112,32 @@ class CompressedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("num_return_sequences > 1 is not supported with a compressed KV cache")
+
+
+class RowStackLayer(DynamicLayer):
+    """One layer of several compressed caches decoded as the rows of one batch (the cells of a grid).
+
+    Every row keeps its own ``CompressedLayer`` (method, plan, evictions, statistics); all rows come from one
+    prompt and advance together, so they share token positions.  ``update`` hands each row its slice of the new
+    K/V; the attention function then attends row by row through each row's method.
+    """
+
+    def __init__(self, rows: list[CompressedLayer]):
+        super().__init__()
+        self.rows = rows
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != len(self.rows):
+            raise ValueError(f"a batch of {key_states.shape[0]} rows was fed to a cache of {len(self.rows)} rows")
+        for i, row in enumerate(self.rows):
+            row.update(key_states[i:i + 1], value_states[i:i + 1])
+        self.keys, self.values = key_states, value_states  # the attention call recognises its layer by these
+        _active.layer = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.rows[0].seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return max(row.stored for row in self.rows) + query_length, 0

@@ -122,31 +122,45 @@ def prefill(model, prompt_ids: list[int], cache, split_last: bool) -> tuple[torc
     return logits, t.seconds
 
 
+class GreedyStream:
+    """One sequence's greedy output: takes chosen tokens until EOS (unless ``ignore_eos``), a stop string (cut from
+    the text) or ``max_new_tokens``."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, stop: list[str] | None, eos: set[int]):
+        self.tokenizer, self.max_new_tokens, self.eos = tokenizer, max_new_tokens, eos
+        self.stop = [s for s in (stop or []) if s]
+        self.tokens: list[int] = []
+        self._text = ""
+
+    def push(self, token: int) -> bool:
+        """Take the next chosen token; True when the sequence is finished."""
+        if token in self.eos:
+            return True
+        self.tokens.append(token)
+        if self.stop:
+            self._text, hit = cut_at_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop)
+            if hit:
+                return True
+        return len(self.tokens) >= self.max_new_tokens
+
+    @property
+    def text(self) -> str:
+        return self._text if self.stop else self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+
 @torch.inference_mode()
 def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int,
            stop: list[str] | None = None, ignore_eos: bool = False) -> tuple[list[int], str, float]:
-    """Greedy tokens from ``logits`` on: stops at EOS (unless ``ignore_eos``), a stop string (cut from the text) or
-    ``max_new_tokens``.  The first token comes from ``logits``; the timed loop runs one forward per later token."""
-    stop = [s for s in (stop or []) if s]
-    eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
-    new: list[int] = []
-    text = ""
+    """Greedy tokens from ``logits`` on (see ``GreedyStream`` for when it stops).  The first token comes from
+    ``logits``; the timed loop runs one forward per later token."""
+    stream = GreedyStream(tokenizer, max_new_tokens, stop, set() if ignore_eos else eos_token_ids(model, tokenizer))
     with Timer(model.device) as t:
         while True:
             token = int(logits.argmax())
-            if token in eos:
-                break
-            new.append(token)
-            if stop:
-                text, hit = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
-                if hit:
-                    break
-            if len(new) >= max_new_tokens:
+            if stream.push(token):
                 break
             logits = forward(model, [token], cache)
-    if not stop:
-        text = tokenizer.decode(new, skip_special_tokens=True)
-    return new, text, t.seconds
+    return stream.tokens, stream.text, t.seconds
 
 
 def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, cache,

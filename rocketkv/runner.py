@@ -20,7 +20,8 @@ from rocketkv.methods import METHODS, Method, make_method
 from rocketkv.models import ModelSpec, load_model
 from rocketkv.prompting import prompt_token_ids
 from rocketkv.results import PredictionLog, environment, run_dir, write_json_atomic, code_version
-from rocketkv.session import compress
+from rocketkv.row_decode import decode_rows
+from rocketkv.session import CompressionSession, compress
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,28 @@ class Memory:
     source: str | None
 
 
-def sample_record(sample: Sample, ids: list[int], text: str, new_tokens: int, t_prefill: float, t_decode: float,
-                  session, task: Task, memory: Memory) -> dict:
-    stats = session.stats()
+@dataclass
+class Decoded:
+    """One decode of one sample: what it produced and what it cost."""
+
+    tokens: list[int]
+    text: str
+    time_prefill_s: float
+    time_decode_s: float  # a batch row's share of the batch's decode time
+    stats: dict
+    memory: Memory
+    batch_row: bool = False  # decoded as one row of a batch of cells (``grid.batch_decode``)
+
+
+def sample_record(sample: Sample, ids: list[int], out: Decoded, plan: dict | None, task: Task) -> dict:
     record = {
         "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(ids),
-        "prediction": text, "references": sample.references, "score": None,
-        "new_tokens": new_tokens, "time_prefill_s": t_prefill, "time_decode_s": t_decode,
-        "peak_mem_bytes": memory.peak, "decode_peak_mem_bytes": memory.decode_peak,
-        "peak_mem_source": memory.source, "stats": {k: stats.get(k) for k in STAT_KEYS},
-        "budget_params": session.plan or {},
+        "prediction": out.text, "references": sample.references, "score": None,
+        "new_tokens": len(out.tokens), "time_prefill_s": out.time_prefill_s, "time_decode_s": out.time_decode_s,
+        "decoded_as": "batch_row" if out.batch_row else "alone",
+        "peak_mem_bytes": out.memory.peak, "decode_peak_mem_bytes": out.memory.decode_peak,
+        "peak_mem_source": out.memory.source, "stats": {k: out.stats.get(k) for k in STAT_KEYS},
+        "budget_params": plan or {},
     }
     record["score"] = task.score_record(sample, record)
     return record
@@ -202,15 +215,35 @@ def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int]
                                         task.ignore_eos)
         decode_peak = mem.read()
     memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
-    return sample_record(sample, ids, text, len(tokens), t_prefill, t_decode, session, task, memory)
+    return sample_record(sample, ids, Decoded(tokens, text, t_prefill, t_decode, session.stats(), memory),
+                         session.plan, task)
+
+
+@dataclass
+class RowBatching:
+    """``grid.batch_decode``: decode the cells as the rows of one batch; ``tie_margin`` as in ``row_decode``."""
+
+    enabled: bool = False
+    tie_margin: float = 0.01
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "RowBatching":
+        grid = cfg.get("grid") or {}
+        margin = grid.get("tie_margin", cls.tie_margin)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise ValueError(f"grid.tie_margin={margin!r} is not valid; give a logit gap >= 0 (default {cls.tie_margin})")
+        return cls(bool(grid.get("batch_decode", False)), float(margin))
 
 
 def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
-                             task: Task) -> list[dict]:
+                             task: Task, batching: RowBatching = RowBatching()) -> list[dict]:
     """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it.
 
-    Each cell's decode is timed alone, and its peak memory is measured from its own start; the decode peak
-    excludes the shared prefill cache, which a separate run of the cell would not hold."""
+    Cells whose plan is dense for this sample (full KV, budgets covering the sequence) compute exactly the same
+    thing, so one decode serves them all.  Each decode is timed alone, and its peak memory is measured from its
+    own start; the decode peak excludes the shared prefill cache, which a separate run would not hold.  With
+    ``batching.enabled`` the distinct cells decode as rows of one batch (``row_decode``), and a row dropped at a
+    near tie is decoded alone."""
     mem = PeakMemory(model.device)
     mem.reset()
     window = max(c.method.window for c in cells)
@@ -221,25 +254,61 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
             forward(model, ids[:-1], shared)
     prefill_peak = mem.read()
     held = held_bytes(shared)
+    source, head_dim = shared.layers[0].state, shared.layers[0].keys.shape[-1]
+    plans = [c.method.plan(len(ids), sample.max_new_tokens, head_dim, spec.max_len, group_size=source.group_size)
+             for c in cells]
+    keys = ["dense" if plan.get("dense") else i for i, plan in enumerate(plans)]
+    distinct: dict = {}  # decode key -> the first cell with it
+    for key, cell in zip(keys, cells):
+        distinct.setdefault(key, cell)
+    decoded: dict[object, Decoded] = {}
+    if batching.enabled and len(distinct) > 1:
+        decoded = _decode_rows(model, tokenizer, spec, sample, ids, distinct, task, shared, mem, prefill_peak, held,
+                               t_shared.seconds, batching.tie_margin)
     records = []
-    for cell in cells:
-        mem.reset()
-        with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
-                      model_max_len=spec.max_len, **cell.options) as session:
-            with Timer(model.device) as t_last, torch.inference_mode():
-                cache = session.fork(shared, sample.max_new_tokens)
-                logits = forward(model, ids[-1:], cache)
-            fork_peak = mem.read()
-            mem.reset()
-            tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
-                                            task.ignore_eos)
-            decode_peak = mem.read()
-        del cache, logits
-        memory = Memory(_peak(mem, prefill_peak, fork_peak, decode_peak),
-                        None if decode_peak is None else max(0, decode_peak - held), mem.source)
-        records.append(sample_record(sample, ids, text, len(tokens), t_shared.seconds + t_last.seconds, t_decode,
-                                     session, task, memory))
+    for cell, plan, key in zip(cells, plans, keys):
+        if key not in decoded:
+            decoded[key] = _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem,
+                                          prefill_peak, held, t_shared.seconds)
+        records.append(sample_record(sample, ids, decoded[key], plan, task))
     return records
+
+
+def _decode_rows(model, tokenizer, spec, sample, ids, distinct, task, shared, mem, prefill_peak, held, t_shared,
+                 tie_margin) -> dict:
+    mem.reset()
+    sessions = {key: CompressionSession(model, cell.method, sample.max_new_tokens, spec.max_len)
+                for key, cell in distinct.items()}
+    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
+                  model_max_len=spec.max_len):
+        caches = [session.fork(shared, sample.max_new_tokens) for session in sessions.values()]
+        streams, t_first, t_decode = decode_rows(model, tokenizer, caches, ids[-1], sample.max_new_tokens,
+                                                 sample.stop, task.ignore_eos, tie_margin)
+    del caches
+    peak = mem.read()
+    memory = Memory(_peak(mem, prefill_peak, peak), None if peak is None else max(0, peak - held), mem.source)
+    n = len(sessions)  # each row records its share of the batch's time
+    return {key: Decoded(stream.tokens, stream.text, t_shared + t_first / n, t_decode / n, session.stats(), memory,
+                         batch_row=True)
+            for (key, session), stream in zip(sessions.items(), streams) if stream is not None}
+
+
+def _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem, prefill_peak, held, t_shared):
+    mem.reset()
+    with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
+                  model_max_len=spec.max_len, **cell.options) as session:
+        with Timer(model.device) as t_last, torch.inference_mode():
+            cache = session.fork(shared, sample.max_new_tokens)
+            logits = forward(model, ids[-1:], cache)
+        fork_peak = mem.read()
+        mem.reset()
+        tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
+                                        task.ignore_eos)
+        decode_peak = mem.read()
+    del cache, logits
+    memory = Memory(_peak(mem, prefill_peak, fork_peak, decode_peak),
+                    None if decode_peak is None else max(0, decode_peak - held), mem.source)
+    return Decoded(tokens, text, t_shared + t_last.seconds, t_decode, session.stats(), memory)
 
 
 def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[int]], model, spec: ModelSpec,
@@ -293,6 +362,10 @@ def run(cfg: DictConfig) -> list[dict]:
     task.validate(spec.max_len)
     shard = parse_shard(cfg.get("shard"))
     cells = [make_cell(c, spec.name, shard) for c in grid_configs(cfg)]
+    batching = RowBatching.from_cfg(cfg)
+    if batching.enabled and task.times_each_cell:
+        raise ValueError(f"task={cfg.task.name} scores each cell's own decode time; grid.batch_decode=true would "
+                         "time a shared batch: use grid.batch_decode=false")
 
     finished = [finished_metrics(cell, cfg.get("limit"), shard) for cell in cells]
     if all(finished):
@@ -313,7 +386,7 @@ def run(cfg: DictConfig) -> list[dict]:
         for cell in cells:
             cell.out_dir.mkdir(parents=True, exist_ok=True)
             locks.enter_context(lock_cell(cell))
-        return _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts)
+        return _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts, batching)
 
 
 def metrics_name(shard: tuple[int, int] | None) -> str:
@@ -346,7 +419,7 @@ def lock_cell(cell: Cell) -> FileLock:
     return lock
 
 
-def _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts) -> list[dict]:
+def _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompts, batching: RowBatching) -> list[dict]:
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
     env = environment(str(model.device))
     for cell in cells:
@@ -360,7 +433,7 @@ def _run_locked(cfg, task, spec, shard, cells, model, tokenizer, samples, prompt
         if len(shareable) < 2:
             shareable = []
         for cell, record in zip(shareable, run_cells_shared_prefill(model, tokenizer, spec, sample, ids, shareable,
-                                                                    task) if shareable else []):
+                                                                    task, batching) if shareable else []):
             cell.preds.append(record)
         for cell in pending:
             if cell not in shareable:

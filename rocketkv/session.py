@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
-from rocketkv.cache import CompressedLayer, active_layer
+from rocketkv.cache import CompressedLayer, RowStackLayer, active_layer
 from rocketkv.methods import Method, make_method
 from rocketkv.methods.full import FullKV
 
@@ -62,7 +62,10 @@ class GenerationState:
     capture_window: int = 0  # keep this many last prefill queries per layer (shared prefill of a grid)
 
     def method_for(self, layer_idx: int) -> Method:
-        return self.dense if layer_idx < self.method.skip_layers else self.method
+        """The method that runs ``layer_idx``: full KV for skipped layers and for samples the plan makes dense."""
+        if layer_idx < self.method.skip_layers or (self.plan or {}).get("dense"):
+            return self.dense
+        return self.method
 
     def record(self, layer_idx: int, attended: float, elements: float) -> None:
         if layer_idx == 0:
@@ -100,6 +103,8 @@ def rocketkv_attention(module, query, key, value, attention_mask, scaling=None, 
     layer = active_layer()
     if layer is None or layer.keys is not key:
         out = _dense_fallback(query, key, value, scaling)
+    elif isinstance(layer, RowStackLayer):
+        out = torch.cat([_attend(row, query[i:i + 1], scaling) for i, row in enumerate(layer.rows)])
     else:
         out = _attend(layer, query, scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -122,13 +127,12 @@ def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torc
     b, hq, n, d = query.shape
     hkv = layer.keys.shape[1]
     q = query.view(b, hkv, hq // hkv, n, d)
-    method = state.method_for(layer.layer_idx)
     if not layer.compressed:
-        return _prefill(layer, state, method, query, q, scaling)
-    return _decode_tokens(layer, state, method, q, layer.stored - n, scaling)
+        return _prefill(layer, state, query, q, scaling)
+    return _decode_tokens(layer, state, state.method_for(layer.layer_idx), q, layer.stored - n, scaling)
 
 
-def _prefill(layer, state, method, query, q, scaling):
+def _prefill(layer, state, query, q, scaling):
     n = query.shape[2]
     if state.plan is None:
         state.prompt_len = state.prompt_len or n
@@ -136,6 +140,7 @@ def _prefill(layer, state, method, query, q, scaling):
         state.element_size = layer.keys.element_size()
         state.plan = state.method.plan(state.prompt_len, state.max_new_tokens, q.shape[-1], state.model_max_len,
                                        group_size=state.group_size)
+    method = state.method_for(layer.layer_idx)
     split = n - 1 if method.decode_last_prompt_token and state.split_prefill and n >= 2 else n
     hkv = layer.keys.shape[1]
     if state.capture_window:
@@ -257,7 +262,7 @@ class CompressionSession:
             return args, kwargs
         if not isinstance(cache, Cache):
             raise TypeError(f"{name} of type {type(cache).__name__} is not supported; pass a transformers Cache")
-        if cache.layers and all(isinstance(l, CompressedLayer) for l in cache.layers):
+        if cache.layers and all(isinstance(l, (CompressedLayer, RowStackLayer)) for l in cache.layers):
             return None
         if cache.get_seq_length() > 0:
             raise ValueError("the cache passed to the model already holds tokens that were not compressed; "

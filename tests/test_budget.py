@@ -104,7 +104,7 @@ def test_topk_and_snapkv_plans():
     assert resolve_budget("topk", 300, 5000, 128, D)["topk"] == 300
     assert resolve_budget("snapkv", 512, 5000, 128, D, group_size=4)["prompt_budget"] == 128
     assert resolve_budget("snapkv", 512, 5000, 128, D, group_size=4, selection="group")["prompt_budget"] == 512
-    assert resolve_budget("full", None, 5000, 128, D) == {}
+    assert resolve_budget("full", None, 5000, 128, D) == {"dense": True}
 
 
 # ------------------------------------------------------------------ errors

@@ -80,6 +80,22 @@ def test_methods_with_large_budget_equal_stock(arch, method, opts):
     assert session.stats()["kept_tokens"] == PROMPT_LEN - 1  # nothing evicted from prompt[:-1]
 
 
+@pytest.mark.parametrize("method,opts", METHODS[1:])
+def test_dense_plan_runs_bit_for_bit_as_full_kv(method, opts):
+    """A budget that covers the sequence makes the plan dense: same logits, tokens and statistics as full KV."""
+    model = peaky_model("llama")
+    ids = prompt(seed=1)
+    runs = {}
+    for name, budget, o in [("full", None, {}), (method, big_budget(model, method, opts.get("selection", "head")), opts)]:
+        with compress(model, name, budget, max_new_tokens=MAX_NEW, **o) as session:
+            tokens, logits = stock_generate(model, ids)
+        runs[name] = tokens, logits, session.stats(), session.plan
+    assert runs[method][3]["dense"]
+    assert runs[method][0].tolist() == runs["full"][0].tolist()
+    assert torch.equal(runs[method][1], runs["full"][1])
+    assert runs[method][2] == runs["full"][2]
+
+
 @pytest.mark.parametrize("method,opts", METHODS)
 def test_batch_of_two_with_large_budget_equals_stock(method, opts):
     model = peaky_model("llama")

@@ -436,3 +436,39 @@ def test_page_metadata_ignores_slots_beyond_upto(monkeypatch, method, plan):
     sel = set(seen[-1][0, 0, 0][seen[-1][0, 0, 0] >= 0].tolist())
     assert sel == ref_sel
     torch.testing.assert_close(out, ref_out)
+
+
+# ====================================================================== dense plans
+def covering_budget(name, n, max_new, g):
+    """The smallest budget at which the method keeps and attends to every slot of an ``n + max_new`` sequence."""
+    total = n + max_new
+    return {"topk": total, "sparq": 2 * total, "quest": 2 * total, "snapkv": g * n,
+            "rocketkv": 2 * total}[name]
+
+
+@pytest.mark.parametrize("name", ["topk", "sparq", "quest", "snapkv", "rocketkv"])
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_dense_plan_means_the_method_attends_everything(name, shape):
+    """A plan marked dense runs as full KV in the session; here the method's own hooks at that plan must
+    compute the same attention as dense attention, and one token less of budget must not be marked dense."""
+    b, hkv, g, d = shape
+    n, max_new = 61, 8
+    budget = covering_budget(name, n, max_new, g)
+    m = make_method(name, budget, kernels="torch", window=4)
+    assert m.plan(n, max_new, d, None, g)["dense"]
+    assert not make_method(name, budget - 1, window=4).plan(n, max_new, d, None, g)["dense"]
+    layer, K, V = make_layer(m, b, hkv, g, d, n, seed=7, max_new=max_new)
+    m.compress(layer, torch.randn(b, hkv, g, 8, d, generator=_gen(8)), n, layer.state.plan, d ** -0.5)
+    assert layer.stored == n and layer.visible is None  # nothing evicted
+    extra_k = torch.randn(b, hkv, max_new, d, generator=_gen(9))
+    extra_v = torch.randn(b, hkv, max_new, d, generator=_gen(10))
+    for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, max_new):
+        q = torch.randn(b, hkv, g, d, generator=_gen(11 + step))
+        m.index(layer, layer.state.plan, upto)
+        out, cost = m.decode(layer, q, upto, layer.state.plan, d ** -0.5)
+        assert cost.attended == upto
+        for bi in range(b):
+            for h in range(hkv):
+                for j in range(g):
+                    ref = ref_attend(q[bi, h, j].double(), K64[bi, h], V64[bi, h], d ** -0.5)
+                    torch.testing.assert_close(out[bi, h, j].double(), ref, atol=1e-5, rtol=1e-5)

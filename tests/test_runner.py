@@ -131,6 +131,30 @@ def test_grid_equals_separate_runs(compose_cfg, tmp_path):
         assert cell["score"] == alone["score"] and cell["subtasks"] == alone["subtasks"]
 
 
+def test_grid_decodes_dense_cells_once(compose_cfg, tmp_path):
+    """Budgets covering the sequence make quest, sparq and topk dense: they share full KV's decode (same measured
+    decode time) and their files match separate runs; snapkv (t/g per head) is dense only on the short prompts."""
+    methods, budgets = ["full", "quest", "sparq", "topk", "snapkv"], [2048]
+    grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=2", "task.depths=[0.5]",
+                           f"grid.methods=[{','.join(methods)}]", "grid.budgets=[2048]"))
+    preds = {c["run"]["method"]: read_predictions(Path(c["run"]["results_dir"])) for c in grid}
+    for name in ("quest", "sparq", "topk"):
+        assert [p["budget_params"]["dense"] for p in preds[name]] == [True, True]
+        assert [p["time_decode_s"] for p in preds[name]] == [p["time_decode_s"] for p in preds["full"]]
+        assert [p["stats"] for p in preds[name]] == [p["stats"] for p in preds["full"]]
+    assert [p["budget_params"]["dense"] for p in preds["snapkv"]] == [True, False]  # 300 and 600 tokens, g = 4
+    assert preds["snapkv"][0]["time_decode_s"] == preds["full"][0]["time_decode_s"]
+    assert preds["snapkv"][1]["time_decode_s"] != preds["full"][1]["time_decode_s"]
+    for cell in grid:
+        info = cell["run"]
+        budget = [] if info["budget"] is None else [f"budget={info['budget']}"]
+        [alone] = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'alone'}", "limit=2", "task.depths=[0.5]",
+                                  f"method={info['method']}", *budget))
+        keep = ("id", "prediction", "score", "new_tokens", "stats", "budget_params")
+        strip = lambda rows: [{k: r[k] for k in keep} for r in rows]  # noqa: E731
+        assert strip(preds[info["method"]]) == strip(read_predictions(Path(alone["run"]["results_dir"])))
+
+
 def test_grid_rejects_unknown_method(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'nope'.*rocketkv"):
         run(compose_cfg(*TINY, f"output_dir={tmp_path}", "grid.methods=[full,nope]"))

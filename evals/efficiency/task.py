@@ -46,6 +46,7 @@ def decode_steps(record: dict) -> int:
 class EfficiencyTask(Task):
     name = "efficiency"
     ignore_eos = True
+    times_each_cell = True
     score_name = "decode tok/s"
 
     def __init__(self, cfg):

@@ -17,6 +17,7 @@ from rocketkv.cache import CompressedLayer
 METHODS: dict[str, type["Method"]] = {}
 
 MIN_BUDGET = 16
+MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once G·k >= slots / this
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -70,7 +71,12 @@ class Method:
     # ------------------------------------------------------------------ planning
     def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
              group_size: int = 1) -> dict:
-        """The concrete parameters used for one sample; pure and cheap."""
+        """The concrete parameters used for one sample; pure and cheap.
+
+        ``plan["dense"]`` is True when, for this sample, the method keeps every token and attends to every
+        stored slot at every step (e.g. a budget at or above the sequence): the session then runs it as full
+        KV, bit for bit, and a grid decodes all such cells once.
+        """
         return {}
 
     # ------------------------------------------------------------------ hooks
@@ -96,6 +102,11 @@ def seq_len_for_plan(prompt_len: int, max_new_tokens: int, model_max_len: int | 
     return min(total, model_max_len) if model_max_len else total
 
 
+def covers_sequence(tokens: int, prompt_len: int, max_new_tokens: int) -> bool:
+    """Whether ``tokens`` selected slots include every slot any decode step of this sample can see."""
+    return tokens >= prompt_len + max_new_tokens
+
+
 def visible_mask(layer: CompressedLayer, upto: int) -> torch.Tensor | None:
     """``[B,Hkv,g,upto]`` per-head visibility, or None when every slot is visible to every head."""
     return None if layer.visible is None else layer.visible[..., :upto]
@@ -116,10 +127,16 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, u
     """Exact softmax attention over selected slots.
 
     ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
-    Only the selected rows of K/V are gathered.
+    Small selections gather only their rows of K/V; once the gathered rows (G·k) reach a sixteenth of the
+    slots, streaming all of K/V under a selection mask is cheaper than the gather (same result up to rounding).
     """
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
+    if G * kk * MASKED_ATTENTION_FRACTION >= upto:
+        selected = torch.zeros(b, hkv, G, upto + 1, dtype=torch.bool, device=idx.device)
+        selected.scatter_(-1, idx.clamp(min=-1) + 1, True)  # -1 pads land in column 0, dropped
+        return F.scaled_dot_product_attention(q, layer.keys[:, :, :upto], layer.values[:, :, :upto],
+                                              attn_mask=selected[..., 1:], scale=scaling)
     safe = idx.clamp(min=0)
     flat = safe.reshape(b, hkv, G * kk, 1).expand(b, hkv, G * kk, d)
     k_sel = torch.gather(layer.keys[:, :, :upto], 2, flat).view(b, hkv, G, kk, d)

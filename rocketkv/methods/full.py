@@ -10,3 +10,6 @@ class FullKV(Method):
     name = "full"
     uses_budget = False
     is_reference = True
+
+    def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
+        return {"dense": True}

@@ -8,9 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from rocketkv import kernels
-from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, register, seq_len_for_plan,
+from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, register,
+                                   seq_len_for_plan,
                                    topk_slots)
 from rocketkv.methods.pages import index_pages
+
+
+def selected_pages(topk: int, page_size: int) -> int:
+    return max(1, topk // page_size)
 
 
 @register
@@ -21,9 +26,12 @@ class Quest(Method):
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         if self.page_size is not None:
-            return {"page_size": self.page_size, "topk": self.budget}
-        s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
-        return {"page_size": max(1, ceil_div(2 * s, self.budget)), "topk": self.budget // 2}
+            page_size, topk = self.page_size, self.budget
+        else:
+            s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
+            page_size, topk = max(1, ceil_div(2 * s, self.budget)), self.budget // 2
+        attended = selected_pages(topk, page_size) * page_size
+        return {"page_size": page_size, "topk": topk, "dense": covers_sequence(attended, prompt_len, max_new_tokens)}
 
     def index(self, layer, plan, upto=None):
         index_pages(layer, plan["page_size"], upto)
@@ -34,8 +42,7 @@ class Quest(Method):
         pmin, pmax = layer.meta["page_min_t"][..., :n_pages], layer.meta["page_max_t"][..., :n_pages]
         bounds = kernels.quest_page_scores(q, pmin, pmax, backend=self.kernels)  # [B,Hkv,g,P]
         group_bounds = bounds.sum(dim=2, keepdim=True)  # pages chosen per KV group
-        n_sel_pages = max(1, plan["topk"] // p)
-        pages = topk_slots(group_bounds, n_sel_pages)  # [B,Hkv,1,m]
+        pages = topk_slots(group_bounds, selected_pages(plan["topk"], p))  # [B,Hkv,1,m]
         slots = (pages.unsqueeze(-1) * p + torch.arange(p, device=pages.device)).flatten(-2)
         slots = slots.masked_fill((pages.unsqueeze(-1) < 0).expand(*pages.shape, p).flatten(-2) | (slots >= upto), -1)
         out = attend_indices(layer, q, slots, upto, scaling)

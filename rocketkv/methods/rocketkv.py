@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from rocketkv import kernels
-from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, keep_selection, max_pool, register,
+from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, keep_selection,
+                                   max_pool, register,
                                    seq_len_for_plan, topk_slots, window_scores)
 from rocketkv.methods.pages import index_pages, page_to_slots
 from rocketkv.methods.sparq import sparq_temperature
@@ -46,6 +47,8 @@ class RocketKV(Method):
         if plan["prompt_budget"] < self.window and prompt_len > plan["prompt_budget"]:
             raise ValueError(f"budget={self.budget}: RocketKV's prompt budget P={plan['prompt_budget']} is below the "
                              f"observation window w={self.window}; raise the budget or lower max_new_tokens")
+        plan["dense"] = prompt_len <= plan["prompt_budget"] and covers_sequence(plan["topk"], prompt_len,
+                                                                                 max_new_tokens)
         return plan
 
     def compress(self, layer, q_window, prompt_len, plan, scaling):

@@ -31,7 +31,7 @@ class SnapKV(Method):
                 f"budget={self.budget} leaves {per_set} tokens per {'query head' if self.selection == 'head' else 'KV head'}"
                 f", below the observation window w={self.window}; use budget >= "
                 f"{self.window * (group_size if self.selection == 'head' else 1)} or a smaller window")
-        return {"prompt_budget": per_set}
+        return {"prompt_budget": per_set, "dense": prompt_len <= per_set}  # nothing evicted: dense decode
 
     def compress(self, layer, q_window, prompt_len, plan, scaling):
         keep = plan["prompt_budget"]

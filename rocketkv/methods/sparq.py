@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, register, seq_len_for_plan, topk_slots,
+from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, register, seq_len_for_plan, topk_slots,
                                    union_count, visible_mask)
 
 
@@ -21,7 +21,9 @@ class SparQ(Method):
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
-        return {"channels": min(head_dim, max(1, round(head_dim * self.budget / s))), "topk": self.budget // 2}
+        topk = self.budget // 2
+        return {"channels": min(head_dim, max(1, round(head_dim * self.budget / s))), "topk": topk,
+                "dense": covers_sequence(topk, prompt_len, max_new_tokens)}
 
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import Method, StepCost, attend_indices, register, topk_slots, union_count, visible_mask
+from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, register, topk_slots, union_count,
+                                   visible_mask)
 
 
 @register
@@ -12,7 +13,7 @@ class ExactTopK(Method):
     name = "topk"
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
-        return {"topk": self.budget}
+        return {"topk": self.budget, "dense": covers_sequence(self.budget, prompt_len, max_new_tokens)}
 
     def decode(self, layer, q, upto, plan, scaling):
         keys = layer.keys[:, :, :upto]
