@@ -221,10 +221,12 @@ def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int]
 
 @dataclass
 class RowBatching:
-    """``grid.batch_decode``: decode the cells as the rows of one batch; ``tie_margin`` as in ``row_decode``."""
+    """``grid.batch_decode``: decode the cells as the rows of a batch, at most ``max_rows`` per batch (None: all);
+    ``tie_margin`` as in ``row_decode``."""
 
     enabled: bool = False
     tie_margin: float = 0.01
+    max_rows: int | None = None
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "RowBatching":
@@ -232,7 +234,10 @@ class RowBatching:
         margin = grid.get("tie_margin", cls.tie_margin)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
             raise ValueError(f"grid.tie_margin={margin!r} is not valid; give a logit gap >= 0 (default {cls.tie_margin})")
-        return cls(bool(grid.get("batch_decode", False)), float(margin))
+        rows = grid.get("max_batch_rows")
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"grid.max_batch_rows={rows!r} is not valid; give a number of cells >= 1, or null for all")
+        return cls(bool(grid.get("batch_decode", False)), float(margin), rows)
 
 
 def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
@@ -263,8 +268,13 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
         distinct.setdefault(key, cell)
     decoded: dict[object, Decoded] = {}
     if batching.enabled and len(distinct) > 1:
-        decoded = _decode_rows(model, tokenizer, spec, sample, ids, distinct, task, shared, mem, prefill_peak, held,
-                               t_shared.seconds, batching.tie_margin)
+        items = list(distinct.items())
+        size = batching.max_rows or len(items)
+        for start in range(0, len(items), size):
+            batch = dict(items[start:start + size])
+            if len(batch) > 1:
+                decoded.update(_decode_rows(model, tokenizer, spec, sample, ids, batch, task, shared, mem,
+                                            prefill_peak, held, t_shared.seconds, batching.tie_margin))
     records = []
     for cell, plan, key in zip(cells, plans, keys):
         if key not in decoded:

@@ -77,6 +77,8 @@ def test_cli_runs_and_cfg_job_composes(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("budget=0", "budget=0"), ("budget=abc", "budget='abc'"), ("budget=8", "budget=8"),
     ("task.lengths=[9000]", "9000"), ("task.haystack=poems", "poems"),
+    ("grid.tie_margin=-1", "tie_margin=-1"), ("grid.tie_margin=abc", "tie_margin='abc'"),
+    ("grid.max_batch_rows=0", "max_batch_rows=0"),
 ])
 def test_bad_input_fails_before_loading(compose_cfg, tmp_path, override, message, monkeypatch):
     import rocketkv.runner as runner
@@ -153,6 +155,34 @@ def test_grid_decodes_dense_cells_once(compose_cfg, tmp_path):
         keep = ("id", "prediction", "score", "new_tokens", "stats", "budget_params")
         strip = lambda rows: [{k: r[k] for k in keep} for r in rows]  # noqa: E731
         assert strip(preds[info["method"]]) == strip(read_predictions(Path(alone["run"]["results_dir"])))
+
+
+def test_batched_grid_equals_separate_runs(compose_cfg, tmp_path):
+    """grid.batch_decode=true: cells decode as rows of one batch (those at a near tie alone) and every prediction,
+    score and budget plan still matches the separate run's."""
+    methods = ["full", "snapkv", "quest", "rocketkv", "sparq", "topk"]
+    grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=3", "grid.batch_decode=true",
+                           "grid.max_batch_rows=4", f"grid.methods=[{','.join(methods)}]", "grid.budgets=[128,256]"))
+    rows = [r for cell in grid for r in read_predictions(Path(cell["run"]["results_dir"]))]
+    assert {r["decoded_as"] for r in rows} == {"batch_row", "alone"}  # the tiny model has near ties
+    for cell in grid:
+        info = cell["run"]
+        budget = [] if info["budget"] is None else [f"budget={info['budget']}"]
+        [alone] = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'alone'}", "limit=3", f"method={info['method']}",
+                                  *budget))
+        keep = ("id", "prediction", "score", "new_tokens", "budget_params")
+        strip = lambda rows: [{k: r[k] for k in keep} for r in rows]  # noqa: E731
+        assert strip(read_predictions(Path(info["results_dir"]))) == \
+            strip(read_predictions(Path(alone["run"]["results_dir"]))), info
+        assert cell["score"] == alone["score"]
+
+
+def test_batch_decode_is_refused_where_each_cell_is_timed(compose_cfg, tmp_path, monkeypatch):
+    import rocketkv.runner as runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(ValueError, match="batch_decode"):
+        run(compose_cfg("model=tiny-random", "task=efficiency", f"output_dir={tmp_path}", "grid.batch_decode=true"))
 
 
 def test_grid_rejects_unknown_method(compose_cfg, tmp_path):

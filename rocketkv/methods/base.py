@@ -149,9 +149,10 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, u
 
 
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best slots along the last axis; -inf scores never count (returned as -1)."""
+    """Indices of the ``k`` best slots along the last axis, in no particular order; -inf scores never count
+    (returned as -1)."""
     k = min(k, scores.shape[-1])
-    vals, idx = scores.topk(k, dim=-1)
+    vals, idx = scores.topk(k, dim=-1, sorted=False)
     return idx.masked_fill(torch.isneginf(vals), -1)
 
 

@@ -56,7 +56,7 @@ class RocketKV(Method):
         if prompt_len <= keep:
             return
         scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling).sum(dim=2)
-        chosen = max_pool(scores, self.kernel_size).topk(keep - self.window, dim=-1).indices
+        chosen = max_pool(scores, self.kernel_size).topk(keep - self.window, dim=-1, sorted=False).indices
         keep_selection(layer, chosen, prompt_len - self.window)
 
     def index(self, layer, plan, upto=None):
@@ -68,7 +68,7 @@ class RocketKV(Method):
         n_pages = ceil_div(upto, p)
         group_q = q.float().sum(dim=2)  # [B,Hkv,d]
         signs = torch.where(group_q > 0, 1.0, -1.0)
-        channels = q.float().abs().sum(dim=2).topk(plan["channels"], dim=-1).indices  # [B,Hkv,r]
+        channels = q.float().abs().sum(dim=2).topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,r]
         page_logits = kernels.rocketkv_page_scores(
             q, layer.meta["page_min_t"][..., :n_pages], layer.meta["page_max_t"][..., :n_pages], channels,
             signs.gather(-1, channels), backend=self.kernels)  # [B,Hkv,g,P]

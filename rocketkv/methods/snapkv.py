@@ -40,10 +40,10 @@ class SnapKV(Method):
         scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling)  # [B,Hkv,g,L-w]
         n_prefix = keep - self.window
         if self.selection == "group":
-            chosen = max_pool(scores.sum(dim=2), self.kernel_size).topk(n_prefix, dim=-1).indices
+            chosen = max_pool(scores.sum(dim=2), self.kernel_size).topk(n_prefix, dim=-1, sorted=False).indices
             keep_selection(layer, chosen, prompt_len - self.window)
             return
-        per_head = max_pool(scores, self.kernel_size).topk(n_prefix, dim=-1).indices  # [B,Hkv,g,m]
+        per_head = max_pool(scores, self.kernel_size).topk(n_prefix, dim=-1, sorted=False).indices  # [B,Hkv,g,m]
         self._keep_per_head(layer, per_head, prompt_len)
 
     def _keep_per_head(self, layer, per_head, prompt_len):

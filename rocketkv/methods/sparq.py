@@ -28,7 +28,7 @@ class SparQ(Method):
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape
         keys = layer.keys[:, :, :upto].float()
-        channels = q.abs().topk(plan["channels"], dim=-1).indices  # [B,Hkv,g,r], per head
+        channels = q.abs().topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,g,r], per head
         q_on_channels = torch.zeros_like(q, dtype=torch.float32).scatter_(-1, channels, q.float().gather(-1, channels))
         logits = torch.einsum("bhgd,bhsd->bhgs", q_on_channels, keys) / sparq_temperature(q, channels)[..., None]
         vis = visible_mask(layer, upto)
