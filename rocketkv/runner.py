@@ -15,19 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from evals.base import Sample, Task, stable_hash
-from rocketkv.generation import PeakMemory, Timer, decode, forward, prefill, process_peak_rss
 from rocketkv.methods import METHODS, Method, make_method
 from rocketkv.models import ModelSpec, load_model
 from rocketkv.prompting import prompt_token_ids
 from rocketkv.results import PredictionLog, environment, run_dir, write_json_atomic, code_version
-from rocketkv.row_decode import decode_rows
-from rocketkv.session import CompressionSession, compress
+from rocketkv.sample_runs import STAT_KEYS, RowBatching, run_cells_shared_prefill, run_sample
 
 log = logging.getLogger(__name__)
 
 METHOD_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
-STAT_KEYS = ("kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes",
-             "metadata_bytes")
 
 
 def method_options(cfg: DictConfig) -> dict:
@@ -141,184 +137,6 @@ def grid_configs(cfg: DictConfig) -> list[DictConfig]:
             cell.budget = budget
             out.append(cell)
     return out
-
-
-@dataclass
-class Memory:
-    """Peak memory of one sample in one cell (see ``PeakMemory`` for what is measured on which device)."""
-
-    peak: int | None  # the sample's peak, prefill included (the shared prefill's, in a grid)
-    decode_peak: int | None  # peak of the timed decode loop, less what a shared prefill holds for other cells
-    source: str | None
-
-
-@dataclass
-class Decoded:
-    """One decode of one sample: what it produced and what it cost."""
-
-    tokens: list[int]
-    text: str
-    time_prefill_s: float
-    time_decode_s: float  # a batch row's share of the batch's decode time
-    stats: dict
-    memory: Memory
-    batch_row: bool = False  # decoded as one row of a batch of cells (``grid.batch_decode``)
-
-
-def sample_record(sample: Sample, ids: list[int], out: Decoded, plan: dict | None, task: Task) -> dict:
-    record = {
-        "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(ids),
-        "prediction": out.text, "references": sample.references, "score": None,
-        "new_tokens": len(out.tokens), "time_prefill_s": out.time_prefill_s, "time_decode_s": out.time_decode_s,
-        "decoded_as": "batch_row" if out.batch_row else "alone",
-        "peak_mem_bytes": out.memory.peak, "decode_peak_mem_bytes": out.memory.decode_peak,
-        "peak_mem_source": out.memory.source, "stats": {k: out.stats.get(k) for k in STAT_KEYS},
-        "budget_params": plan or {},
-    }
-    record["score"] = task.score_record(sample, record)
-    return record
-
-
-def _peak(mem: PeakMemory, *phases: int | None) -> int | None:
-    """The sample's peak over its phases; without a per-phase probe (CPU off Linux) the process's lifetime peak."""
-    known = [p for p in phases if p is not None]
-    if known:
-        return max(known)
-    return None if mem.device.type == "cuda" else process_peak_rss()
-
-
-def held_bytes(cache) -> int:
-    """Bytes of every tensor storage a cache holds (K/V, positions, masks, captured queries, metadata)."""
-    storages = {}
-    for layer in cache.layers:
-        tensors = [layer.keys, layer.values, layer.positions, layer.visible, layer.captured_q,
-                   *getattr(layer, "meta", {}).values()]
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and t.numel():
-                storage = t.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cell: Cell, task: Task) -> dict:
-    """One sample of one cell with its own prefill."""
-    mem = PeakMemory(model.device)
-    mem.reset()
-    split = cell.method.decode_last_prompt_token
-    with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len, **cell.options) as session:
-        cache = session.new_cache(sample.max_new_tokens, prompt_len=len(ids) if split else None)
-        logits, t_prefill = prefill(model, ids, cache, split)
-        prefill_peak = mem.read()
-        mem.reset()
-        tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
-                                        task.ignore_eos)
-        decode_peak = mem.read()
-    memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
-    return sample_record(sample, ids, Decoded(tokens, text, t_prefill, t_decode, session.stats(), memory),
-                         session.plan, task)
-
-
-@dataclass
-class RowBatching:
-    """``grid.batch_decode``: decode the cells as the rows of a batch, at most ``max_rows`` per batch (None: all);
-    ``tie_margin`` as in ``row_decode``."""
-
-    enabled: bool = False
-    tie_margin: float = 0.01
-    max_rows: int | None = None
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "RowBatching":
-        grid = cfg.get("grid") or {}
-        margin = grid.get("tie_margin", cls.tie_margin)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"grid.tie_margin={margin!r} is not valid; give a logit gap >= 0 (default {cls.tie_margin})")
-        rows = grid.get("max_batch_rows")
-        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-            raise ValueError(f"grid.max_batch_rows={rows!r} is not valid; give a number of cells >= 1, or null for all")
-        return cls(bool(grid.get("batch_decode", False)), float(margin), rows)
-
-
-def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
-                             task: Task, batching: RowBatching = RowBatching()) -> list[dict]:
-    """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it.
-
-    Cells whose plan is dense for this sample (full KV, budgets covering the sequence) compute exactly the same
-    thing, so one decode serves them all.  Each decode is timed alone, and its peak memory is measured from its
-    own start; the decode peak excludes the shared prefill cache, which a separate run would not hold.  With
-    ``batching.enabled`` the distinct cells decode as rows of one batch (``row_decode``), and a row dropped at a
-    near tie is decoded alone."""
-    mem = PeakMemory(model.device)
-    mem.reset()
-    window = max(c.method.window for c in cells)
-    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len) as base:
-        shared = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
-        with Timer(model.device) as t_shared, torch.inference_mode():
-            forward(model, ids[:-1], shared)
-    prefill_peak = mem.read()
-    held = held_bytes(shared)
-    source, head_dim = shared.layers[0].state, shared.layers[0].keys.shape[-1]
-    plans = [c.method.plan(len(ids), sample.max_new_tokens, head_dim, spec.max_len, group_size=source.group_size)
-             for c in cells]
-    keys = ["dense" if plan.get("dense") else i for i, plan in enumerate(plans)]
-    distinct: dict = {}  # decode key -> the first cell with it
-    for key, cell in zip(keys, cells):
-        distinct.setdefault(key, cell)
-    decoded: dict[object, Decoded] = {}
-    if batching.enabled and len(distinct) > 1:
-        items = list(distinct.items())
-        size = batching.max_rows or len(items)
-        for start in range(0, len(items), size):
-            batch = dict(items[start:start + size])
-            if len(batch) > 1:
-                decoded.update(_decode_rows(model, tokenizer, spec, sample, ids, batch, task, shared, mem,
-                                            prefill_peak, held, t_shared.seconds, batching.tie_margin))
-    records = []
-    for cell, plan, key in zip(cells, plans, keys):
-        if key not in decoded:
-            decoded[key] = _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem,
-                                          prefill_peak, held, t_shared.seconds)
-        records.append(sample_record(sample, ids, decoded[key], plan, task))
-    return records
-
-
-def _decode_rows(model, tokenizer, spec, sample, ids, distinct, task, shared, mem, prefill_peak, held, t_shared,
-                 tie_margin) -> dict:
-    mem.reset()
-    sessions = {key: CompressionSession(model, cell.method, sample.max_new_tokens, spec.max_len)
-                for key, cell in distinct.items()}
-    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len):
-        caches = [session.fork(shared, sample.max_new_tokens) for session in sessions.values()]
-        streams, t_first, t_decode = decode_rows(model, tokenizer, caches, ids[-1], sample.max_new_tokens,
-                                                 sample.stop, task.ignore_eos, tie_margin)
-    del caches
-    peak = mem.read()
-    memory = Memory(_peak(mem, prefill_peak, peak), None if peak is None else max(0, peak - held), mem.source)
-    n = len(sessions)  # each row records its share of the batch's time
-    return {key: Decoded(stream.tokens, stream.text, t_shared + t_first / n, t_decode / n, session.stats(), memory,
-                         batch_row=True)
-            for (key, session), stream in zip(sessions.items(), streams) if stream is not None}
-
-
-def _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem, prefill_peak, held, t_shared):
-    mem.reset()
-    with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len, **cell.options) as session:
-        with Timer(model.device) as t_last, torch.inference_mode():
-            cache = session.fork(shared, sample.max_new_tokens)
-            logits = forward(model, ids[-1:], cache)
-        fork_peak = mem.read()
-        mem.reset()
-        tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
-                                        task.ignore_eos)
-        decode_peak = mem.read()
-    del cache, logits
-    memory = Memory(_peak(mem, prefill_peak, fork_peak, decode_peak),
-                    None if decode_peak is None else max(0, decode_peak - held), mem.source)
-    return Decoded(tokens, text, t_shared + t_last.seconds, t_decode, session.stats(), memory)
 
 
 def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[int]], model, spec: ModelSpec,

@@ -15,7 +15,8 @@ from evals.efficiency.task import EfficiencyTask, efficiency_table
 from rocketkv.generation import decode
 from rocketkv.models import tiny_tokenizer
 from rocketkv.prompting import prompt_token_ids
-from rocketkv.runner import held_bytes, run
+from rocketkv.runner import run
+from rocketkv.sample_runs import held_bytes
 
 TINY = ["model=tiny-random", "task=efficiency", "progress=false"]
 
