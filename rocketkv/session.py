@@ -67,22 +67,24 @@ class GenerationState:
             return self.dense
         return self.method
 
-    def record(self, layer_idx: int, attended: float, elements: float) -> None:
+    def record(self, layer_idx: int, attended, elements) -> None:
+        """Add one layer's ``StepCost`` (floats or device scalars, summed where they live: no host read)."""
         if layer_idx == 0:
             self.steps += 1
-        self.attended_sum += attended
-        self.elements_sum += elements
+        self.attended_sum = self.attended_sum + attended
+        self.elements_sum = self.elements_sum + elements
 
     def stats(self) -> dict:
         n_layers = max(1, len(self.layers))
         steps = max(1, self.steps)
         kept = [l.kept_after_prefill for l in self.layers if l.kept_after_prefill is not None]
         kv_bytes = sum(l.kv_bytes() for l in self.layers)
+        attended, elements = float(self.attended_sum), float(self.elements_sum)
         return {
             "kept_tokens": sum(kept) / len(kept) if kept else 0.0,
-            "attended_tokens": self.attended_sum / (steps * n_layers),
-            "elements_read_per_step": self.elements_sum / steps,
-            "bytes_read_per_step": self.elements_sum * self.element_size / steps,
+            "attended_tokens": attended / (steps * n_layers),
+            "elements_read_per_step": elements / steps,
+            "bytes_read_per_step": elements * self.element_size / steps,
             "stored_kv_bytes": float(kv_bytes),
             "metadata_bytes": float(sum(l.meta_bytes() for l in self.layers)),
             "decode_steps": self.steps,

@@ -472,3 +472,28 @@ def test_dense_plan_means_the_method_attends_everything(name, shape):
                 for j in range(g):
                     ref = ref_attend(q[bi, h, j].double(), K64[bi, h], V64[bi, h], d ** -0.5)
                     torch.testing.assert_close(out[bi, h, j].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,budget", [("topk", 24), ("sparq", 24), ("quest", 24), ("rocketkv", 24), ("snapkv", 64)])
+def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget):
+    """On a GPU a host read (``.item()``, ``bool(tensor)``, ...) stalls the stream every layer; a decode step's
+    selection, attention and statistics must stay on the device."""
+    b, hkv, g, d, n = 1, 2, 4, 16, 97
+    m = make_method(name, budget, kernels="torch", window=4)
+    layer, _, _ = make_layer(m, b, hkv, g, d, n, seed=3)
+    plan = layer.state.plan
+    assert not plan["dense"]
+    m.compress(layer, torch.randn(b, hkv, g, 8, d, generator=_gen(4)), n, plan, d ** -0.5)
+    layer.update(torch.randn(b, hkv, 1, d, generator=_gen(5)), torch.randn(b, hkv, 1, d, generator=_gen(6)))
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a decode step read a tensor back to the host")
+
+    with monkeypatch.context() as patch:
+        for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, attr, host_read)
+        m.index(layer, plan, layer.stored)
+        out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), layer.stored, plan, d ** -0.5)
+        layer.state.record(0, cost.attended, cost.elements)
+    assert out.shape == (b, hkv, g, d) and 0 < float(cost.attended) <= layer.stored
+    assert layer.state.stats()["attended_tokens"] == float(cost.attended)

@@ -27,10 +27,14 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 @dataclass
 class StepCost:
-    """What one decode step of one layer touched, per sequence."""
+    """What one decode step of one layer touched, per sequence.
 
-    attended: float  # tokens attended, mean over query heads
-    elements: float  # K/V and metadata elements read, summed over KV heads
+    Data-dependent counts stay 0-dim float64 tensors on the device: reading them on the host every layer would
+    stall a GPU decode; the session sums them and reads the totals once, in ``stats()``.
+    """
+
+    attended: float | torch.Tensor  # tokens attended, mean over query heads
+    elements: float | torch.Tensor  # K/V and metadata elements read, summed over KV heads
 
 
 @dataclass
@@ -117,7 +121,7 @@ def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: int, scaling: fl
     vis = visible_mask(layer, upto)
     # The g query heads of a group stand in the query-length axis: one K/V read serves them all.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scaling)
-    attended = float(upto) if vis is None else vis.sum(-1).float().mean().item()
+    attended = float(upto) if vis is None else mean_count(vis.sum(-1))
     hkv, d = k.shape[1], k.shape[-1]
     return out, StepCost(attended, float(upto * 2 * d * hkv))
 
@@ -154,6 +158,11 @@ def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, scores.shape[-1])
     vals, idx = scores.topk(k, dim=-1, sorted=False)
     return idx.masked_fill(torch.isneginf(vals), -1)
+
+
+def mean_count(counts: torch.Tensor) -> torch.Tensor:
+    """The mean of integer counts as a float64 scalar on the device (float32 mean, as the statistics always were)."""
+    return counts.float().mean().double()
 
 
 def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:

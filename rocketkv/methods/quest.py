@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rocketkv import kernels
-from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, register,
+from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, mean_count, register,
                                    seq_len_for_plan,
                                    topk_slots)
 from rocketkv.methods.pages import index_pages
@@ -47,6 +47,6 @@ class Quest(Method):
         slots = slots.masked_fill((pages.unsqueeze(-1) < 0).expand(*pages.shape, p).flatten(-2) | (slots >= upto), -1)
         out = attend_indices(layer, q, slots, upto, scaling)
         hkv, d = q.shape[1], q.shape[-1]
-        attended = (slots >= 0).sum(-1).float().mean().item()
+        attended = mean_count((slots >= 0).sum(-1))
         return out, StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))
 

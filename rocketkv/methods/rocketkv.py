@@ -15,7 +15,7 @@ import torch
 
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, keep_selection,
-                                   max_pool, register,
+                                   max_pool, mean_count, register,
                                    seq_len_for_plan, topk_slots, window_scores)
 from rocketkv.methods.pages import index_pages, page_to_slots
 from rocketkv.methods.sparq import sparq_temperature
@@ -77,5 +77,5 @@ class RocketKV(Method):
         probs = torch.softmax(token_logits, dim=-1).mean(dim=2, keepdim=True)  # [B,Hkv,1,S]
         idx = topk_slots(probs, plan["topk"])
         out = attend_indices(layer, q, idx, upto, scaling)
-        attended = (idx >= 0).sum(-1).float().mean().item()
+        attended = mean_count((idx >= 0).sum(-1))
         return out, StepCost(attended, hkv * (n_pages * plan["channels"] + attended * 2 * d))

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, register, seq_len_for_plan, topk_slots,
-                                   union_count, visible_mask)
+from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, mean_count, register,
+                                   seq_len_for_plan, topk_slots, union_count, visible_mask)
 
 
 def sparq_temperature(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -37,19 +37,18 @@ class SparQ(Method):
         approx = torch.softmax(logits, dim=-1)
         idx = topk_slots(approx, plan["topk"])  # [B,Hkv,g,k]
         y_k = attend_indices(layer, q, idx, upto, scaling).float()
+        chosen = idx >= 0
+        alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
         n_visible = upto if vis is None else vis.sum(-1, keepdim=True)
-        if (idx >= 0).sum(-1).min() >= (upto if vis is None else vis.sum(-1).max()):
-            out = y_k  # every token chosen: exact attention, no reallocation
+        # a head that chose every visible token attends exactly: no reallocation
+        alpha = alpha.masked_fill(chosen.sum(-1, keepdim=True) >= n_visible, 1.0)
+        values = layer.values[:, :, :upto].float()
+        if vis is None:
+            mean_v = values.mean(dim=2, keepdim=True)  # [B,Hkv,1,d]
         else:
-            alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0).sum(-1, keepdim=True)
-            values = layer.values[:, :, :upto].float()
-            if vis is None:
-                mean_v = values.mean(dim=2, keepdim=True)  # [B,Hkv,1,d]
-            else:
-                mean_v = torch.einsum("bhgs,bhsd->bhgd", vis.float(), values) / n_visible
-            out = alpha * y_k + (1 - alpha) * mean_v
-        union_channels = union_count(channels, d).float().sum().item() / b
-        union_tokens = union_count(idx, upto).float().sum().item() / b
-        cost = StepCost((idx >= 0).sum(-1).float().mean().item(),
-                        union_channels * upto + union_tokens * 2 * d + hkv * d)
+            mean_v = torch.einsum("bhgs,bhsd->bhgd", vis.float(), values) / n_visible
+        out = alpha * y_k + (1 - alpha) * mean_v
+        union_channels = union_count(channels, d).float().sum().double() / b
+        union_tokens = union_count(idx, upto).float().sum().double() / b
+        cost = StepCost(mean_count(chosen.sum(-1)), union_channels * upto + union_tokens * 2 * d + hkv * d)
         return out.to(q.dtype), cost

@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, register, topk_slots, union_count,
-                                   visible_mask)
+from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, mean_count, register, topk_slots,
+                                   union_count, visible_mask)
 
 
 @register
@@ -24,5 +24,5 @@ class ExactTopK(Method):
         idx = topk_slots(scores, plan["topk"])  # [B,Hkv,g,k]: one set per query head
         out = attend_indices(layer, q, idx, upto, scaling)
         d, hkv = keys.shape[-1], keys.shape[1]
-        values_read = union_count(idx, upto).float().sum().item() / q.shape[0]
-        return out, StepCost(float((idx >= 0).sum(-1).float().mean()), upto * d * hkv + values_read * d)
+        values_read = union_count(idx, upto).float().sum().double() / q.shape[0]
+        return out, StepCost(mean_count((idx >= 0).sum(-1)), upto * d * hkv + values_read * d)
