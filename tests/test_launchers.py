@@ -298,3 +298,33 @@ def test_cpu_needle_grid_cells_are_valid():
         except ValueError:
             rejected.append((name, budget))
     assert rejected == [("snapkv", 32), ("snapkv", 64)]  # skipped by grid.skip_invalid, the rest must run
+
+
+def test_grid_sweeper_runs_a_method_budget_sweep_as_one_grid_job(tmp_path):
+    """hydra/sweeper=grid: the method x budget sweep becomes one job per value of every other swept key (seed
+    here), each a shared-prefill grid writing the same cells as the basic sweeper's one job per cell."""
+    sweep = ["method=full,rocketkv,quest", "budget=64,128", "seed=0,1"]
+    grid_out, basic_out = tmp_path / "grid", tmp_path / "basic"
+    proc = run_checked(eval_cmd("hydra/sweeper=grid", *TINY, *sweep, f"output_dir={grid_out}",
+                                f"hydra.sweep.dir={tmp_path / 'grid_sweep'}", multirun=True), base_env())
+    assert "Launching 2 jobs" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "grid_sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    run_checked(eval_cmd(*TINY, *sweep, f"output_dir={basic_out}", f"hydra.sweep.dir={tmp_path / 'basic_sweep'}",
+                         multirun=True), base_env())
+    grid_runs = sorted(p.relative_to(grid_out) for p in grid_out.glob("runs/*/*/*/*/*"))
+    assert len(grid_runs) == 2 * 5  # per seed: full + rocketkv and quest at two budgets
+    assert grid_runs == sorted(p.relative_to(basic_out) for p in basic_out.glob("runs/*/*/*/*/*"))
+    for run in grid_runs:
+        assert comparable(read_records(grid_out / run / "predictions.jsonl")) == \
+            comparable(read_records(basic_out / run / "predictions.jsonl"))
+
+
+def test_grid_sweeper_turns_only_method_and_budget_sweeps_into_lists():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.rocketkv_grid_sweeper.grid_sweeper import GridSweeper, coalesce
+
+    parsed = OverridesParser.create().parse_overrides(["method=full,snapkv", "budget=128", "seed=0,1", "limit=2"])
+    assert coalesce(parsed) == ["grid.methods=[full,snapkv]", "budget=128", "seed=0,1", "limit=2"]
+    [jobs] = GridSweeper.split_arguments(parsed, None)
+    assert jobs == [["grid.methods=[full,snapkv]", "budget=128", "seed=0", "limit=2"],
+                    ["grid.methods=[full,snapkv]", "budget=128", "seed=1", "limit=2"]]
