@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
+from transformers.cache_utils import DynamicCache
 
 from evals.base import Sample, Task
 from rocketkv.generation import PeakMemory, Timer, decode, forward, prefill, process_peak_rss
@@ -119,6 +120,33 @@ class RowBatching:
         return cls(bool(grid.get("batch_decode", False)), float(margin), rows)
 
 
+@dataclass
+class SharedPrefill:
+    """One sample's dense prefill of ``prompt[:-1]``, which every cell of a grid forks."""
+
+    cache: DynamicCache
+    seconds: float
+    peak: int | None  # peak memory of the prefill
+    held: int  # bytes the shared cache holds (a separate run of a cell would not hold them)
+
+    @classmethod
+    def run(cls, model, spec: ModelSpec, sample: Sample, ids: list[int], window: int, mem: PeakMemory):
+        mem.reset()
+        with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
+                      model_max_len=spec.max_len) as base:
+            cache = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
+            with Timer(model.device) as t, torch.inference_mode():
+                forward(model, ids[:-1], cache)
+        return cls(cache, t.seconds, mem.read(), held_bytes(cache))
+
+    def memory(self, mem: PeakMemory, *decode_peaks: int | None) -> Memory:
+        """A decode's memory record: the sample's peak over the prefill and the decode's phases, and the timed
+        decode loop's peak (the last phase) less the shared cache."""
+        last = decode_peaks[-1]
+        return Memory(_peak(mem, self.peak, *decode_peaks), None if last is None else max(0, last - self.held),
+                      mem.source)
+
+
 def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
                              task: Task, batching: RowBatching = RowBatching()) -> list[dict]:
     """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it.
@@ -126,21 +154,13 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     Cells whose plan is dense for this sample (full KV, budgets covering the sequence) compute exactly the same
     thing, so one decode serves them all.  Each decode is timed alone, and its peak memory is measured from its
     own start; the decode peak excludes the shared prefill cache, which a separate run would not hold.  With
-    ``batching.enabled`` the distinct cells decode as rows of one batch (``row_decode``), and a row dropped at a
+    ``batching.enabled`` the distinct cells decode as rows of a batch (``row_decode``), and a row dropped at a
     near tie is decoded alone."""
     mem = PeakMemory(model.device)
-    mem.reset()
-    window = max(c.method.window for c in cells)
-    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len) as base:
-        shared = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
-        with Timer(model.device) as t_shared, torch.inference_mode():
-            forward(model, ids[:-1], shared)
-    prefill_peak = mem.read()
-    held = held_bytes(shared)
-    source, head_dim = shared.layers[0].state, shared.layers[0].keys.shape[-1]
-    plans = [c.method.plan(len(ids), sample.max_new_tokens, head_dim, spec.max_len, group_size=source.group_size)
-             for c in cells]
+    shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells), mem)
+    first = shared.cache.layers[0]
+    plans = [c.method.plan(len(ids), sample.max_new_tokens, first.keys.shape[-1], spec.max_len,
+                           group_size=first.state.group_size) for c in cells]
     keys = ["dense" if plan.get("dense") else i for i, plan in enumerate(plans)]
     distinct: dict = {}  # decode key -> the first cell with it
     for key, cell in zip(keys, cells):
@@ -150,44 +170,41 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
         items = list(distinct.items())
         size = batching.max_rows or len(items)
         for start in range(0, len(items), size):
-            batch = dict(items[start:start + size])
-            if len(batch) > 1:
-                decoded.update(_decode_rows(model, tokenizer, spec, sample, ids, batch, task, shared, mem,
-                                            prefill_peak, held, t_shared.seconds, batching.tie_margin))
+            if len(items[start:start + size]) > 1:
+                decoded.update(_decode_rows(model, tokenizer, spec, sample, ids, task, shared, mem,
+                                            dict(items[start:start + size]), batching.tie_margin))
     records = []
     for cell, plan, key in zip(cells, plans, keys):
         if key not in decoded:
-            decoded[key] = _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem,
-                                          prefill_peak, held, t_shared.seconds)
+            decoded[key] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, cell)
         records.append(sample_record(sample, ids, decoded[key], plan, task))
     return records
 
 
-def _decode_rows(model, tokenizer, spec, sample, ids, distinct, task, shared, mem, prefill_peak, held, t_shared,
-                 tie_margin) -> dict:
+def _decode_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, distinct: dict,
+                 tie_margin: float) -> dict:
     mem.reset()
     sessions = {key: CompressionSession(model, cell.method, sample.max_new_tokens, spec.max_len)
                 for key, cell in distinct.items()}
     with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
                   model_max_len=spec.max_len):
-        caches = [session.fork(shared, sample.max_new_tokens) for session in sessions.values()]
+        caches = [session.fork(shared.cache, sample.max_new_tokens) for session in sessions.values()]
         streams, t_first, t_decode = decode_rows(model, tokenizer, caches, ids[-1], sample.max_new_tokens,
                                                  sample.stop, task.ignore_eos, tie_margin)
     del caches
-    peak = mem.read()
-    memory = Memory(_peak(mem, prefill_peak, peak), None if peak is None else max(0, peak - held), mem.source)
+    memory = shared.memory(mem, mem.read())
     n = len(sessions)  # each row records its share of the batch's time
-    return {key: Decoded(stream.tokens, stream.text, t_shared + t_first / n, t_decode / n, session.stats(), memory,
-                         batch_row=True)
+    return {key: Decoded(stream.tokens, stream.text, shared.seconds + t_first / n, t_decode / n, session.stats(),
+                         memory, batch_row=True)
             for (key, session), stream in zip(sessions.items(), streams) if stream is not None}
 
 
-def _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem, prefill_peak, held, t_shared):
+def _decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, cell: Cell) -> Decoded:
     mem.reset()
     with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
                   model_max_len=spec.max_len, **cell.options) as session:
         with Timer(model.device) as t_last, torch.inference_mode():
-            cache = session.fork(shared, sample.max_new_tokens)
+            cache = session.fork(shared.cache, sample.max_new_tokens)
             logits = forward(model, ids[-1:], cache)
         fork_peak = mem.read()
         mem.reset()
@@ -195,6 +212,5 @@ def _decode_forked(model, tokenizer, spec, sample, ids, cell, task, shared, mem,
                                         task.ignore_eos)
         decode_peak = mem.read()
     del cache, logits
-    memory = Memory(_peak(mem, prefill_peak, fork_peak, decode_peak),
-                    None if decode_peak is None else max(0, decode_peak - held), mem.source)
-    return Decoded(tokens, text, t_shared + t_last.seconds, t_decode, session.stats(), memory)
+    return Decoded(tokens, text, shared.seconds + t_last.seconds, t_decode, session.stats(),
+                   shared.memory(mem, fork_peak, decode_peak))
