@@ -236,15 +236,19 @@ def test_shards_cover_the_unsharded_run(tmp_path, reference):
     assert sum(m["n_samples"] for m in shards) == N_CELL and all(m["run"]["complete"] for m in shards)
 
 
-def _sweep_jobs(experiment: str, *extra: str) -> list[list[str]]:
-    """The jobs Hydra's basic sweeper makes of an experiment's ``hydra.sweeper.params`` (+ command-line values)."""
+def _sweep_jobs(experiment: str, *extra: str, sweeper: str = "basic") -> list[list[str]]:
+    """The jobs a sweeper (Hydra's basic one, or ``grid``) makes of an experiment's ``hydra.sweeper.params``
+    (+ command-line values)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.rocketkv_grid_sweeper.grid_sweeper import GridSweeper
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=[f"+experiment={experiment}", f"hydra/sweeper={sweeper}"],
+                      return_hydra_config=True)
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()] + list(extra)
-    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    split = {"basic": BasicSweeper, "grid": GridSweeper}[sweeper].split_arguments
+    (batch,) = split(OverridesParser.create().parse_overrides(params), None)
     return batch
 
 
@@ -276,6 +280,9 @@ def test_paper_grid_expands_to_the_paper_cells():
     assert set(cells) == expected and len(cells) == 3 * 3 * (1 + 5 * 5)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         assert not compose(config_name="config", overrides=["+experiment=paper_grid"]).update_leaderboard
+    grid_jobs = _sweep_jobs("paper_grid", sweeper="grid")  # one job per model x task, all methods in its grid
+    assert len(grid_jobs) == 3 * 3
+    assert sorted(_cells("paper_grid", grid_jobs)) == sorted(cells)
 
 
 def test_cpu_needle_grid_cells_are_valid():
