@@ -50,8 +50,9 @@ def main():
         batched, batched_cells = timed(base + [f"output_dir={tmp}/batched", "grid.batch_decode=true"] + grid_args)
         rows = [("single full-KV run", full), (f"grid, {len(cells)} cells, shared prefill", grid),
                 ("the same grid, cells batched", batched)]
-        decodes = decode_counts(batched_cells)
-        agree = sum(predictions(a) == predictions(b) for a, b in zip(cells, batched_cells))
+        batched_records = [records(c) for c in batched_cells]
+        decodes = decode_counts(batched_cells, batched_records)
+        agree = sum(predictions(records(a)) == predictions(b) for a, b in zip(cells, batched_records))
         if args.separate:
             separate = 0.0
             for cell in cells:
@@ -70,22 +71,24 @@ def main():
     print(f"batched grid: {agree}/{len(cells)} cells with every prediction equal to the exact grid's")
 
 
-def predictions(cell: dict) -> list[tuple[str, str]]:
+def records(cell: dict) -> list[dict]:
     with open(f"{cell['run']['results_dir']}/predictions.jsonl") as f:
-        return [(r["id"], r["prediction"]) for r in map(json.loads, f)]
+        return [json.loads(line) for line in f]
 
 
-def decode_counts(cells: list[dict]) -> dict:
+def predictions(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(r["id"], r["prediction"]) for r in rows]
+
+
+def decode_counts(cells: list[dict], cell_records: list[list[dict]]) -> dict:
     """Per sample, on average: decodes that ran (dense cells share one) and how the batched grid ran them."""
     runs = {"batch_row": set(), "alone": set()}
     n_samples = max(1, cells[0]["n_samples"])
-    for cell in cells:
-        path = f"{cell['run']['results_dir']}/predictions.jsonl"
-        with open(path) as f:
-            for r in map(json.loads, f):
-                dense = bool(r["budget_params"].get("dense"))
-                key = (r["id"], "dense" if dense else cell["run"]["results_dir"])
-                runs[r.get("decoded_as", "alone")].add(key)
+    for cell, rows in zip(cells, cell_records):
+        for r in rows:
+            dense = bool(r["budget_params"].get("dense"))
+            key = (r["id"], "dense" if dense else cell["run"]["results_dir"])
+            runs[r.get("decoded_as", "alone")].add(key)
     runs["alone"] -= runs["batch_row"]
     counts = {k: len(v) / n_samples for k, v in runs.items()}
     counts["distinct"] = counts["batch_row"] + counts["alone"]

@@ -113,7 +113,8 @@ class RowBatching:
         grid = cfg.get("grid") or {}
         margin = grid.get("tie_margin", cls.tie_margin)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"grid.tie_margin={margin!r} is not valid; give a logit gap >= 0 (default {cls.tie_margin})")
+            raise ValueError(f"grid.tie_margin={margin!r} is not valid; give a logit gap >= 0 "
+                             f"(default {cls.tie_margin})")
         rows = grid.get("max_batch_rows")
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"grid.max_batch_rows={rows!r} is not valid; give a number of cells >= 1, or null for all")

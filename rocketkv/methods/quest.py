@@ -9,8 +9,7 @@ import torch
 
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, mean_count, register,
-                                   seq_len_for_plan,
-                                   topk_slots)
+                                   seq_len_for_plan, topk_slots)
 from rocketkv.methods.pages import index_pages
 
 

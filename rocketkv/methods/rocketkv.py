@@ -15,8 +15,7 @@ import torch
 
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, keep_selection,
-                                   max_pool, mean_count, register,
-                                   seq_len_for_plan, topk_slots, window_scores)
+                                   max_pool, mean_count, register, seq_len_for_plan, topk_slots, window_scores)
 from rocketkv.methods.pages import index_pages, page_to_slots
 from rocketkv.methods.sparq import sparq_temperature
 
