@@ -4,8 +4,9 @@ full-KV run, measured in one process on the same prompts.
     python benchmarks/grid_cost.py [--model smollm2-135m] [--length 2000] [--samples 3]
 
 Prints wall times and ratios (target: grid <= 1.3x a single full-KV run), for the exact grid (every distinct
-cell decoded alone, bit for bit a separate run) and the batched grid (``grid.batch_decode=true``: the distinct
-cells decoded as the rows of one batch, near ties decoded alone).
+cell decoded alone, bit for bit a separate run), the batched grid (``grid.batch_decode=true``: the distinct
+cells decoded as the rows of one batch, near ties decoded alone) and the speculative grid
+(``grid.speculative=true``: full KV decoded alone, the other cells verifying drafts as batch rows).
 """
 from __future__ import annotations
 
@@ -47,12 +48,19 @@ def main():
         grid_args = [f"grid.methods=[{','.join(METHODS)}]", f"grid.budgets=[{','.join(map(str, BUDGETS))}]",
                      "grid.skip_invalid=true"]
         grid, cells = timed(base + [f"output_dir={tmp}/grid"] + grid_args)
-        batched, batched_cells = timed(base + [f"output_dir={tmp}/batched", "grid.batch_decode=true"] + grid_args)
-        rows = [("single full-KV run", full), (f"grid, {len(cells)} cells, shared prefill", grid),
-                ("the same grid, cells batched", batched)]
-        batched_records = [records(c) for c in batched_cells]
-        decodes = decode_counts(batched_cells, batched_records)
-        agree = sum(predictions(records(a)) == predictions(b) for a, b in zip(cells, batched_records))
+        rows = [("single full-KV run", full), (f"grid, {len(cells)} cells, shared prefill", grid)]
+        exact = [predictions(records(c)) for c in cells]
+        summaries = []
+        for mode, label in (("batch_decode", "the same grid, cells batched"),
+                            ("speculative", "the same grid, drafts verified")):
+            seconds, mode_cells = timed(base + [f"output_dir={tmp}/{mode}", f"grid.{mode}=true"] + grid_args)
+            rows.append((label, seconds))
+            mode_records = [records(c) for c in mode_cells]
+            agree = sum(predictions(r) == e for r, e in zip(mode_records, exact))
+            counts = decode_counts(mode_cells, mode_records)
+            summaries.append(f"grid.{mode}=true: " + ", ".join(f"{v:.1f} {k}" for k, v in counts.items())
+                             + f" decodes per sample; {agree}/{len(cells)} cells with every prediction equal to "
+                             "the exact grid's")
         if args.separate:
             separate = 0.0
             for cell in cells:
@@ -64,11 +72,10 @@ def main():
     print(f"{'configuration':<40} {'seconds':>9} {'vs full run':>12}")
     for name, seconds in rows:
         print(f"{name:<40} {seconds:>9.1f} {seconds / full:>12.2f}")
-    prefill = full_metrics["timing"]["prefill_s_mean"]
-    print(f"per sample: one prefill {prefill:.2f} s, full-KV decode {full_metrics['timing']['decode_s_mean']:.2f} s; "
-          f"{decodes['distinct']:.1f} distinct decodes of {len(cells)} cells (the rest dense, sharing full KV's); "
-          f"batched: {decodes['batch_row']:.1f} as batch rows, {decodes['alone']:.1f} alone at near ties")
-    print(f"batched grid: {agree}/{len(cells)} cells with every prediction equal to the exact grid's")
+    print(f"per sample: one prefill {full_metrics['timing']['prefill_s_mean']:.2f} s, full-KV decode "
+          f"{full_metrics['timing']['decode_s_mean']:.2f} s")
+    for line in summaries:
+        print(line)
 
 
 def records(cell: dict) -> list[dict]:
@@ -81,18 +88,14 @@ def predictions(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def decode_counts(cells: list[dict], cell_records: list[list[dict]]) -> dict:
-    """Per sample, on average: decodes that ran (dense cells share one) and how the batched grid ran them."""
-    runs = {"batch_row": set(), "alone": set()}
-    n_samples = max(1, cells[0]["n_samples"])
+    """Per sample, on average: how the distinct decodes ran (dense cells share one, decoded alone)."""
+    runs: dict[str, set] = {}
     for cell, rows in zip(cells, cell_records):
         for r in rows:
-            dense = bool(r["budget_params"].get("dense"))
-            key = (r["id"], "dense" if dense else cell["run"]["results_dir"])
-            runs[r.get("decoded_as", "alone")].add(key)
-    runs["alone"] -= runs["batch_row"]
-    counts = {k: len(v) / n_samples for k, v in runs.items()}
-    counts["distinct"] = counts["batch_row"] + counts["alone"]
-    return counts
+            key = (r["id"], "dense" if r["budget_params"].get("dense") else cell["run"]["results_dir"])
+            runs.setdefault(r.get("decoded_as", "alone"), set()).add(key)
+    n_samples = max(1, cells[0]["n_samples"])
+    return {k: len(v) / n_samples for k, v in sorted(runs.items())}
 
 
 if __name__ == "__main__":

@@ -96,6 +96,18 @@ class CompressedLayer(DynamicLayer):
         self.meta = {}
         self.n_indexed = 0
 
+    def drop_newest(self, n: int) -> None:
+        """Forget the ``n`` most recently appended slots (draft tokens that verification rejected); their
+        buffer room is reused by the next append."""
+        if n <= 0:
+            return
+        keep = self.stored - n
+        self.keys, self.values, self.positions = (t[:, :, :keep] for t in (self.keys, self.values, self.positions))
+        if self.visible is not None:
+            self.visible = self.visible[..., :keep]
+        self.seen -= n
+        self.n_indexed = min(self.n_indexed, keep)
+
     def kv_bytes(self) -> int:
         if self.keys is None:
             return 0

@@ -192,8 +192,8 @@ def run(cfg: DictConfig) -> list[dict]:
     cells = [make_cell(c, spec.name, shard) for c in grid_configs(cfg)]
     batching = RowBatching.from_cfg(cfg)
     if batching.enabled and task.times_each_cell:
-        raise ValueError(f"task={cfg.task.name} scores each cell's own decode time; grid.batch_decode=true would "
-                         "time a shared batch: use grid.batch_decode=false")
+        raise ValueError(f"task={cfg.task.name} scores each cell's own decode time; grid.batch_decode=true and "
+                         "grid.speculative=true would time a shared batch: leave both false")
 
     finished = [finished_metrics(cell, cfg.get("limit"), shard) for cell in cells]
     if all(finished):

@@ -1,6 +1,7 @@
 """One sample's predictions: decoded alone with its own prefill (``run_sample``), or for every cell of a grid
 from one shared prefill (``run_cells_shared_prefill``): dense cells share one decode, and with
-``grid.batch_decode`` the distinct cells decode as the rows of one batch."""
+``grid.batch_decode`` the distinct cells decode as the rows of one batch, with ``grid.speculative`` as rows that
+verify drafts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 from transformers.cache_utils import DynamicCache
 
 from evals.base import Sample, Task
+from rocketkv.draft_verify import verify_rows
 from rocketkv.generation import PeakMemory, Timer, decode, forward, prefill, process_peak_rss
 from rocketkv.models import ModelSpec
 from rocketkv.row_decode import decode_rows
@@ -42,7 +44,8 @@ class Decoded:
     time_decode_s: float  # a batch row's share of the batch's decode time
     stats: dict
     memory: Memory
-    batch_row: bool = False  # decoded as one row of a batch of cells (``grid.batch_decode``)
+    decoded_as: str = "alone"  # or one row of a batch of cells: "batch_row" (``grid.batch_decode``),
+    # "verified_row" (``grid.speculative``)
 
 
 def sample_record(sample: Sample, ids: list[int], out: Decoded, plan: dict | None, task: Task) -> dict:
@@ -50,7 +53,7 @@ def sample_record(sample: Sample, ids: list[int], out: Decoded, plan: dict | Non
         "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(ids),
         "prediction": out.text, "references": sample.references, "score": None,
         "new_tokens": len(out.tokens), "time_prefill_s": out.time_prefill_s, "time_decode_s": out.time_decode_s,
-        "decoded_as": "batch_row" if out.batch_row else "alone",
+        "decoded_as": out.decoded_as,
         "peak_mem_bytes": out.memory.peak, "decode_peak_mem_bytes": out.memory.decode_peak,
         "peak_mem_source": out.memory.source, "stats": {k: out.stats.get(k) for k in STAT_KEYS},
         "budget_params": plan or {},
@@ -95,7 +98,7 @@ def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int]
                                         task.ignore_eos)
         decode_peak = mem.read()
     memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
-    return sample_record(sample, ids, Decoded(tokens, text, t_prefill, t_decode, session.stats(), memory),
+    return sample_record(sample, ids, Decoded(tokens, text, t_prefill, t_decode, session.release(), memory),
                          session.plan, task)
 
 
@@ -107,6 +110,7 @@ class RowBatching:
     enabled: bool = False
     tie_margin: float = 0.01
     max_rows: int | None = None
+    speculative: bool = False  # rows verify drafts (``draft_verify``) instead of decoding a token per forward
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "RowBatching":
@@ -118,7 +122,12 @@ class RowBatching:
         rows = grid.get("max_batch_rows")
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"grid.max_batch_rows={rows!r} is not valid; give a number of cells >= 1, or null for all")
-        return cls(bool(grid.get("batch_decode", False)), float(margin), rows)
+        flags = {}
+        for key in ("batch_decode", "speculative"):
+            flags[key] = grid.get(key, False)
+            if not isinstance(flags[key], bool):
+                raise ValueError(f"grid.{key}={flags[key]!r} is not valid; give true or false")
+        return cls(flags["batch_decode"] or flags["speculative"], float(margin), rows, flags["speculative"])
 
 
 @dataclass
@@ -138,6 +147,7 @@ class SharedPrefill:
             cache = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
             with Timer(model.device) as t, torch.inference_mode():
                 forward(model, ids[:-1], cache)
+            base.release()  # the cache is freed with this object, not at a later garbage collection
         return cls(cache, t.seconds, mem.read(), held_bytes(cache))
 
     def memory(self, mem: PeakMemory, *decode_peaks: int | None) -> Memory:
@@ -167,7 +177,17 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     for key, cell in zip(keys, cells):
         distinct.setdefault(key, cell)
     decoded: dict[object, Decoded] = {}
-    if batching.enabled and len(distinct) > 1:
+    if batching.speculative and len(distinct) > 1:
+        if "dense" in distinct:  # decoded alone, exactly; its tokens draft every other cell
+            decoded["dense"] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, distinct["dense"])
+        known = [d.tokens for d in decoded.values()]
+        items = [(key, cell) for key, cell in distinct.items() if key != "dense"]
+        size = batching.max_rows or len(items)
+        for start in range(0, len(items), size):
+            decoded.update(_verify_rows(model, tokenizer, spec, sample, ids, task, shared, mem,
+                                        dict(items[start:start + size]), known, batching.tie_margin))
+            known = [d.tokens for d in decoded.values()]
+    elif batching.enabled and len(distinct) > 1:
         items = list(distinct.items())
         size = batching.max_rows or len(items)
         for start in range(0, len(items), size):
@@ -192,12 +212,30 @@ def _decode_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefil
         caches = [session.fork(shared.cache, sample.max_new_tokens) for session in sessions.values()]
         streams, t_first, t_decode = decode_rows(model, tokenizer, caches, ids[-1], sample.max_new_tokens,
                                                  sample.stop, task.ignore_eos, tie_margin)
+    stats = {key: session.release() for key, session in sessions.items()}
     del caches
     memory = shared.memory(mem, mem.read())
     n = len(sessions)  # each row records its share of the batch's time
-    return {key: Decoded(stream.tokens, stream.text, shared.seconds + t_first / n, t_decode / n, session.stats(),
-                         memory, batch_row=True)
-            for (key, session), stream in zip(sessions.items(), streams) if stream is not None}
+    return {key: Decoded(stream.tokens, stream.text, shared.seconds + t_first / n, t_decode / n, stats[key],
+                         memory, "batch_row")
+            for key, stream in zip(sessions, streams) if stream is not None}
+
+
+def _verify_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, distinct: dict,
+                 known: list[list[int]], tie_margin: float) -> dict:
+    mem.reset()
+    sessions = {key: CompressionSession(model, cell.method, sample.max_new_tokens, spec.max_len)
+                for key, cell in distinct.items()}
+    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
+                  model_max_len=spec.max_len):
+        caches = [session.fork(shared.cache, sample.max_new_tokens) for session in sessions.values()]
+        streams, seconds = verify_rows(model, tokenizer, caches, ids, known, sample.max_new_tokens, sample.stop,
+                                       task.ignore_eos, tie_margin)
+    stats = {key: session.release() for key, session in sessions.items()}
+    del caches
+    memory = shared.memory(mem, mem.read())
+    return {key: Decoded(stream.tokens, stream.text, shared.seconds, row_seconds, stats[key], memory, "verified_row")
+            for key, stream, row_seconds in zip(sessions, streams, seconds) if stream is not None}
 
 
 def _decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, cell: Cell) -> Decoded:
@@ -212,6 +250,7 @@ def _decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPref
         tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
                                         task.ignore_eos)
         decode_peak = mem.read()
+    stats = session.release()
     del cache, logits
-    return Decoded(tokens, text, shared.seconds + t_last.seconds, t_decode, session.stats(),
+    return Decoded(tokens, text, shared.seconds + t_last.seconds, t_decode, stats,
                    shared.memory(mem, fork_peak, decode_peak))

@@ -60,6 +60,7 @@ class GenerationState:
     layers: list = field(default_factory=list)
     split_prefill: bool = True  # the first forward holds the whole prompt: its last token is decoded separately
     capture_window: int = 0  # keep this many last prefill queries per layer (shared prefill of a grid)
+    held: list | None = None  # per-layer costs of fed tokens not yet kept (``hold_costs``)
 
     def method_for(self, layer_idx: int) -> Method:
         """The method that runs ``layer_idx``: full KV for skipped layers and for samples the plan makes dense."""
@@ -69,10 +70,41 @@ class GenerationState:
 
     def record(self, layer_idx: int, attended, elements) -> None:
         """Add one layer's ``StepCost`` (floats or device scalars, summed where they live: no host read)."""
+        if self.held is not None:
+            return self.record_tokens(layer_idx, *(torch.as_tensor(c, dtype=torch.float64).reshape(1)
+                                                   for c in (attended, elements)))
         if layer_idx == 0:
             self.steps += 1
         self.attended_sum = self.attended_sum + attended
         self.elements_sum = self.elements_sum + elements
+
+    def record_tokens(self, layer_idx: int, attended: torch.Tensor, elements: torch.Tensor) -> None:
+        """One layer's costs of ``n`` consecutive tokens (``[n]`` tensors); held back under ``hold_costs``."""
+        if self.held is not None:
+            self.held.append((attended, elements))
+            return
+        if layer_idx == 0:
+            self.steps += attended.shape[0]
+        self.attended_sum = self.attended_sum + attended.sum()
+        self.elements_sum = self.elements_sum + elements.sum()
+
+    def hold_costs(self) -> None:
+        """From now on, keep the costs of fed tokens apart until ``keep_costs`` says how many tokens stay
+        (verifying a draft feeds tokens that may be dropped again)."""
+        self.held = []
+
+    def keep_costs(self, n_tokens: int) -> None:
+        """Count the held costs of the first ``n_tokens`` tokens fed since the last call; drop the rest."""
+        self.steps += n_tokens
+        for attended, elements in self.held:
+            self.attended_sum = self.attended_sum + attended[:n_tokens].sum()
+            self.elements_sum = self.elements_sum + elements[:n_tokens].sum()
+        self.held = []
+
+    def settle(self) -> None:
+        """Bring every layer's method metadata up to its stored slots, where a decode's last step leaves it."""
+        for layer in self.layers:
+            self.method_for(layer.layer_idx).index(layer, self.plan)
 
     def stats(self) -> dict:
         n_layers = max(1, len(self.layers))
@@ -175,14 +207,14 @@ def _kept(layer: CompressedLayer, prompt_len: int) -> float:
 def _decode_tokens(layer, state, method, q, first_slot, scaling):
     """Decode-mode attention for the ``n`` newest stored slots; token i sees slots ``[0, first_slot + i]``."""
     b, hkv, g, n, d = q.shape
-    outs = []
-    for i in range(n):
-        upto = first_slot + i + 1
-        method.index(layer, state.plan, upto)  # metadata must not see the step's later tokens
-        out, cost = method.decode(layer, q[:, :, :, i], upto, state.plan, scaling)
+    if n == 1:
+        method.index(layer, state.plan, first_slot + 1)  # metadata must not see later slots
+        out, cost = method.decode(layer, q[:, :, :, 0], first_slot + 1, state.plan, scaling)
         state.record(layer.layer_idx, cost.attended, cost.elements)
-        outs.append(out.reshape(b, hkv * g, 1, d))
-    return torch.cat(outs, dim=2)
+        return out.reshape(b, hkv * g, 1, d)
+    out, cost = method.decode_many(layer, q, first_slot, state.plan, scaling)  # a draft verified in one pass
+    state.record_tokens(layer.layer_idx, cost.attended, cost.elements)
+    return out.reshape(b, hkv * g, n, d)
 
 
 # ---------------------------------------------------------------------- the public context manager
@@ -278,6 +310,15 @@ class CompressionSession:
 
     def stats(self) -> dict:
         return self.state.stats() if self.state is not None else {}
+
+    def release(self) -> dict:
+        """The latest generation's statistics; then the state lets go of its cache layers.  Layers and state
+        refer to each other, so without this a finished cache (its K/V included) lives until the next garbage
+        collection instead of being freed when its last user drops it."""
+        stats = self.stats()
+        if self.state is not None:
+            self.state.layers = []
+        return stats
 
     @property
     def plan(self) -> dict | None:

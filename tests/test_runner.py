@@ -78,7 +78,7 @@ def test_cli_runs_and_cfg_job_composes(tmp_path):
     ("budget=0", "budget=0"), ("budget=abc", "budget='abc'"), ("budget=8", "budget=8"),
     ("task.lengths=[9000]", "9000"), ("task.haystack=poems", "poems"),
     ("grid.tie_margin=-1", "tie_margin=-1"), ("grid.tie_margin=abc", "tie_margin='abc'"),
-    ("grid.max_batch_rows=0", "max_batch_rows=0"),
+    ("grid.max_batch_rows=0", "max_batch_rows=0"), ("grid.speculative=maybe", "speculative='maybe'"),
 ])
 def test_bad_input_fails_before_loading(compose_cfg, tmp_path, override, message, monkeypatch):
     import rocketkv.runner as runner
@@ -136,7 +136,7 @@ def test_grid_equals_separate_runs(compose_cfg, tmp_path):
 def test_grid_decodes_dense_cells_once(compose_cfg, tmp_path):
     """Budgets covering the sequence make quest, sparq and topk dense: they share full KV's decode (same measured
     decode time) and their files match separate runs; snapkv (t/g per head) is dense only on the short prompts."""
-    methods, budgets = ["full", "quest", "sparq", "topk", "snapkv"], [2048]
+    methods = ["full", "quest", "sparq", "topk", "snapkv"]
     grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=2", "task.depths=[0.5]",
                            f"grid.methods=[{','.join(methods)}]", "grid.budgets=[2048]"))
     preds = {c["run"]["method"]: read_predictions(Path(c["run"]["results_dir"])) for c in grid}
@@ -157,14 +157,16 @@ def test_grid_decodes_dense_cells_once(compose_cfg, tmp_path):
         assert strip(preds[info["method"]]) == strip(read_predictions(Path(alone["run"]["results_dir"])))
 
 
-def test_batched_grid_equals_separate_runs(compose_cfg, tmp_path):
-    """grid.batch_decode=true: cells decode as rows of one batch (those at a near tie alone) and every prediction,
-    score and budget plan still matches the separate run's."""
+@pytest.mark.parametrize("mode,row_kind", [("batch_decode", "batch_row"), ("speculative", "verified_row")])
+def test_batched_grid_equals_separate_runs(compose_cfg, tmp_path, mode, row_kind):
+    """grid.batch_decode=true: cells decode as rows of one batch (those at a near tie alone); grid.speculative=true:
+    full KV decodes alone and the other cells verify drafts as rows of one batch.  Every prediction, score and
+    budget plan still matches the separate run's."""
     methods = ["full", "snapkv", "quest", "rocketkv", "sparq", "topk"]
-    grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=3", "grid.batch_decode=true",
+    grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=3", f"grid.{mode}=true",
                            "grid.max_batch_rows=4", f"grid.methods=[{','.join(methods)}]", "grid.budgets=[128,256]"))
     rows = [r for cell in grid for r in read_predictions(Path(cell["run"]["results_dir"]))]
-    assert {r["decoded_as"] for r in rows} == {"batch_row", "alone"}  # the tiny model has near ties
+    assert {r["decoded_as"] for r in rows} == {row_kind, "alone"}  # full KV, and near ties on the tiny model
     for cell in grid:
         info = cell["run"]
         budget = [] if info["budget"] is None else [f"budget={info['budget']}"]
@@ -177,12 +179,13 @@ def test_batched_grid_equals_separate_runs(compose_cfg, tmp_path):
         assert cell["score"] == alone["score"]
 
 
-def test_batch_decode_is_refused_where_each_cell_is_timed(compose_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["batch_decode", "speculative"])
+def test_batch_decode_is_refused_where_each_cell_is_timed(compose_cfg, tmp_path, monkeypatch, mode):
     import rocketkv.runner as runner
 
     monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
-    with pytest.raises(ValueError, match="batch_decode"):
-        run(compose_cfg("model=tiny-random", "task=efficiency", f"output_dir={tmp_path}", "grid.batch_decode=true"))
+    with pytest.raises(ValueError, match=f"grid.{mode}=true"):
+        run(compose_cfg("model=tiny-random", "task=efficiency", f"output_dir={tmp_path}", f"grid.{mode}=true"))
 
 
 def test_grid_rejects_unknown_method(compose_cfg, tmp_path):
@@ -242,3 +245,24 @@ def test_complete_cells_return_without_loading_the_model(compose_cfg, tmp_path, 
     assert run(compose_cfg(*args)) == first
     with pytest.raises(AssertionError, match="model was loaded"):  # a larger limit has samples left to run
         run(compose_cfg(*args[:-1], "limit=3"))
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch_decode", "speculative"])
+def test_grid_frees_each_cache_without_waiting_for_garbage_collection(compose_cfg, tmp_path, mode):
+    """Cache layers and their generation state refer to each other; the runner breaks that cycle, so a cell's
+    K/V is freed when its decode ends, not whenever the cyclic collector next runs (on long prompts, many
+    lingering caches ran a machine out of memory)."""
+    import gc
+
+    from rocketkv.cache import CompressedLayer
+
+    flags = [] if mode == "exact" else [f"grid.{mode}=true"]
+    gc.collect()
+    gc.disable()
+    try:
+        run(compose_cfg(*TINY, f"output_dir={tmp_path}", "limit=2", "grid.methods=[full,topk,snapkv,quest]",
+                        "grid.budgets=[128,256]", *flags))
+        alive = sum(isinstance(o, CompressedLayer) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert alive <= 1  # the attention function's pointer to the last layer it served

@@ -28,6 +28,7 @@ PAGE_CASES = [
     (2, 3, 4, 32, 100, 32),
     (1, 2, 4, 64, 129, 7),
     (1, 1, 3, 16, 5, 16),
+    (1, 3, 48, 64, 20, 9),  # decode_many folds 16 tokens x 3 heads into the group axis
 ]
 # (batch, kv_heads, group, head_dim, stored_tokens, selected)
 SPARSE_CASES = [

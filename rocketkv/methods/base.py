@@ -99,6 +99,23 @@ class Method:
         """Attention of one query token per head, ``q`` ``[B,Hkv,g,d]``, over stored slots ``[0, upto)``."""
         return dense_decode(layer, q, upto, scaling)
 
+    def decode_many(self, layer: CompressedLayer, q: torch.Tensor, first_slot: int, plan: dict,
+                    scaling: float) -> tuple[torch.Tensor, StepCost]:
+        """``n`` consecutive decode steps in one call (the verification of a draft): ``q`` ``[B,Hkv,g,n,d]``,
+        token ``i`` sees slots ``[0, first_slot + i]`` and metadata built from those slots only, as if the
+        tokens had been decoded one by one.  Returns ``[B,Hkv,g,n,d]`` and per-token costs (``[n]`` tensors).
+
+        This default runs the steps one by one; methods override it with one vectorised pass."""
+        outs, attended, elements = [], [], []
+        for i in range(q.shape[3]):
+            upto = first_slot + i + 1
+            self.index(layer, plan, upto)
+            out, cost = self.decode(layer, q[:, :, :, i], upto, plan, scaling)
+            outs.append(out)
+            attended.append(torch.as_tensor(cost.attended, dtype=torch.float64, device=q.device))
+            elements.append(torch.as_tensor(cost.elements, dtype=torch.float64, device=q.device))
+        return torch.stack(outs, dim=3), StepCost(torch.stack(attended), torch.stack(elements))
+
 
 # ---------------------------------------------------------------------- shared primitives
 def seq_len_for_plan(prompt_len: int, max_new_tokens: int, model_max_len: int | None) -> int:
@@ -124,6 +141,48 @@ def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: int, scaling: fl
     attended = float(upto) if vis is None else mean_count(vis.sum(-1))
     hkv, d = k.shape[1], k.shape[-1]
     return out, StepCost(attended, float(upto * 2 * d * hkv))
+
+
+def dense_decode_many(layer: CompressedLayer, q: torch.Tensor, first_slot: int,
+                      scaling: float) -> tuple[torch.Tensor, StepCost]:
+    """``dense_decode`` for ``n`` consecutive tokens (see ``Method.decode_many``)."""
+    b, hkv, g, n, d = q.shape
+    vis = causal_rows(layer, first_slot, n, g)
+    upto = first_slot + n
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, g * n, d), layer.keys[:, :, :upto],
+                                         layer.values[:, :, :upto], attn_mask=vis, scale=scaling)
+    per_token = token_uptos(first_slot, n, q.device)
+    attended = per_token if layer.visible is None else per_token_mean(vis.sum(-1), g, n)
+    return out.view(b, hkv, g, n, d), StepCost(attended, per_token * (2 * d * hkv))
+
+
+def token_uptos(first_slot: int, n: int, device) -> torch.Tensor:
+    """``[n]`` float64: how many slots each of ``n`` consecutive tokens sees (``first_slot + i + 1``)."""
+    return torch.arange(first_slot + 1, first_slot + n + 1, device=device, dtype=torch.float64)
+
+
+def causal_rows(layer: CompressedLayer, first_slot: int, n: int, g: int) -> torch.Tensor:
+    """``[B,Hkv,g·n,first_slot+n]`` visibility of ``n`` consecutive tokens' query heads, folded head-major
+    (row ``j·n + i`` is head j of token i): token i sees slots up to ``first_slot + i``, within its head's
+    ``visible`` mask."""
+    upto = first_slot + n
+    device = layer.keys.device
+    causal = torch.arange(upto, device=device) <= (first_slot + torch.arange(n, device=device))[:, None]  # [n,S]
+    b, hkv = layer.keys.shape[:2]
+    vis = causal.expand(b, hkv, g, n, upto) if layer.visible is None else layer.visible[..., None, :upto] & causal
+    return vis.reshape(b, hkv, g * n, upto)
+
+
+def per_token_mean(counts: torch.Tensor, g: int, n: int) -> torch.Tensor:
+    """``mean_count`` per token of folded rows: ``counts`` ``[B,Hkv,g·n]`` -> ``[n]`` float64."""
+    return counts.reshape(*counts.shape[:2], g, n).float().mean(dim=(0, 1, 2)).double()
+
+
+def per_token_union(idx: torch.Tensor, g: int, n: int, n_slots: int) -> torch.Tensor:
+    """``union_count`` per token, summed over batch and KV heads, of folded rows ``[B,Hkv,g·n,k]`` -> ``[n]``."""
+    b, hkv, _, k = idx.shape
+    per_token = idx.reshape(b, hkv, g, n, k).transpose(2, 3).reshape(b, hkv * n, g, k)
+    return union_count(per_token, n_slots).view(b, hkv, n).sum(dim=(0, 1)).double()
 
 
 def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, upto: int,

@@ -9,8 +9,8 @@ import torch
 
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, mean_count, register,
-                                   seq_len_for_plan, topk_slots)
-from rocketkv.methods.pages import index_pages
+                                   seq_len_for_plan, token_uptos, topk_slots)
+from rocketkv.methods.pages import index_pages, page_bounds_per_token, token_rows
 
 
 def selected_pages(topk: int, page_size: int) -> int:
@@ -49,3 +49,24 @@ class Quest(Method):
         attended = mean_count((slots >= 0).sum(-1))
         return out, StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))
 
+
+    def decode_many(self, layer, q, first_slot, plan, scaling):
+        b, hkv, g, n, d = q.shape
+        p = plan["page_size"]
+        pages = page_bounds_per_token(layer, p, first_slot, n)
+        q_tokens = q.permute(0, 3, 1, 2, 4).reshape(b * n, hkv, g, d)
+        # complete pages: one product for all tokens' heads; the pages the tokens fill: per token
+        fixed = kernels.quest_page_scores(q.reshape(b, hkv, g * n, d), pages.fixed_min, pages.fixed_max,
+                                          backend=self.kernels).view(b, hkv, g, n, -1)
+        touched = kernels.quest_page_scores(q_tokens, pages.touched_min, pages.touched_max, backend=self.kernels)
+        touched = touched.view(b, n, hkv, g, -1).masked_fill(~pages.exists[None, :, None, None], float("-inf"))
+        bounds = torch.cat([fixed.permute(0, 3, 1, 2, 4), touched], dim=-1)  # [B,n,Hkv,g,P]
+        group_bounds = bounds.sum(dim=3, keepdim=True).flatten(0, 1)  # [B·n,Hkv,1,P]
+        pages = topk_slots(group_bounds, selected_pages(plan["topk"], p))  # [B·n,Hkv,1,m]
+        slots = (pages.unsqueeze(-1) * p + torch.arange(p, device=pages.device)).flatten(-2)
+        uptos = (first_slot + 1 + torch.arange(n, device=q.device)).repeat(b).view(b * n, 1, 1, 1)
+        slots = slots.masked_fill((pages.unsqueeze(-1) < 0).expand(*pages.shape, p).flatten(-2) | (slots >= uptos), -1)
+        out = attend_indices(layer, q.reshape(b, hkv, g * n, d), token_rows(slots, b, n, g), first_slot + n, scaling)
+        attended = (slots >= 0).sum(-1).view(b, n, hkv).float().mean(dim=(0, 2)).double()
+        n_pages = torch.ceil(token_uptos(first_slot, n, q.device) / p)
+        return out.view(b, hkv, g, n, d), StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))

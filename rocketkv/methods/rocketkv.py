@@ -15,8 +15,9 @@ import torch
 
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, keep_selection,
-                                   max_pool, mean_count, register, seq_len_for_plan, topk_slots, window_scores)
-from rocketkv.methods.pages import index_pages, page_to_slots
+                                   max_pool, mean_count, register, seq_len_for_plan, token_uptos, topk_slots,
+                                   window_scores)
+from rocketkv.methods.pages import index_pages, page_bounds_per_token, page_to_slots, token_rows
 from rocketkv.methods.sparq import sparq_temperature
 
 
@@ -78,3 +79,33 @@ class RocketKV(Method):
         out = attend_indices(layer, q, idx, upto, scaling)
         attended = mean_count((idx >= 0).sum(-1))
         return out, StepCost(attended, hkv * (n_pages * plan["channels"] + attended * 2 * d))
+
+    def decode_many(self, layer, q, first_slot, plan, scaling):
+        b, hkv, g, n, d = q.shape
+        p, upto = plan["page_size"], first_slot + n
+        pages = page_bounds_per_token(layer, p, first_slot, n)
+        q_tokens = q.permute(0, 3, 1, 2, 4).reshape(b * n, hkv, g, d)
+        group_q = q_tokens.float().sum(dim=2)
+        channels = q_tokens.float().abs().sum(dim=2).topk(plan["channels"], dim=-1, sorted=False).indices
+        # The page bound on the chosen channels as two products over all d channels: a query entry pairs with the
+        # page max where its group's sum is positive, else with the min, and unchosen channels are zeroed.  The
+        # complete pages then need no per-token copy: all tokens' heads take one product with them.
+        chosen = torch.zeros_like(group_q, dtype=torch.bool).scatter_(-1, channels, True)[:, :, None]
+        positive = (group_q > 0)[:, :, None]
+        q_max = q_tokens.float() * (chosen & positive)  # [B·n,Hkv,g,d]
+        q_min = q_tokens.float() * (chosen & ~positive)
+        rows = lambda t: t.view(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)  # noqa: E731
+        fixed = (rows(q_max) @ pages.fixed_max.float() + rows(q_min) @ pages.fixed_min.float())
+        fixed = fixed.view(b, hkv, g, n, -1).permute(0, 3, 1, 2, 4).flatten(0, 1)  # [B·n,Hkv,g,F]
+        touched = q_max @ pages.touched_max.float() + q_min @ pages.touched_min.float()
+        page_logits = torch.cat([fixed, touched], dim=-1)  # [B·n,Hkv,g,P]
+        tau = sparq_temperature(q_tokens, channels.unsqueeze(2).expand(b * n, hkv, g, channels.shape[-1]))
+        token_logits = (page_to_slots(page_logits, p, upto) / tau[..., None]).view(b, n, hkv, g, upto)
+        future = torch.arange(upto, device=q.device) > (first_slot + torch.arange(n, device=q.device))[:, None]
+        future = future[None, :, None, None]
+        probs = torch.softmax(token_logits.masked_fill(future, float("-inf")), dim=-1).mean(dim=3, keepdim=True)
+        idx = topk_slots(probs.masked_fill(future, float("-inf")).flatten(0, 1), plan["topk"])  # [B·n,Hkv,1,k]
+        out = attend_indices(layer, q.reshape(b, hkv, g * n, d), token_rows(idx, b, n, g), upto, scaling)
+        attended = (idx >= 0).sum(-1).view(b, n, hkv).float().mean(dim=(0, 2)).double()
+        n_pages = torch.ceil(token_uptos(first_slot, n, q.device) / p)
+        return out.view(b, hkv, g, n, d), StepCost(attended, hkv * (n_pages * plan["channels"] + attended * 2 * d))

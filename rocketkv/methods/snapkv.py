@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import Method, keep_selection, max_pool, register, window_scores
+from rocketkv.methods.base import Method, dense_decode_many, keep_selection, max_pool, register, window_scores
 
 
 @register
@@ -45,6 +45,9 @@ class SnapKV(Method):
             return
         per_head = max_pool(scores, self.kernel_size).topk(n_prefix, dim=-1, sorted=False).indices  # [B,Hkv,g,m]
         self._keep_per_head(layer, per_head, prompt_len)
+
+    def decode_many(self, layer, q, first_slot, plan, scaling):
+        return dense_decode_many(layer, q, first_slot, scaling)
 
     def _keep_per_head(self, layer, per_head, prompt_len):
         """Store the union of the heads' choices once per KV head; each head sees only its own choice."""

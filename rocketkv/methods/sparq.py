@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, mean_count, register,
-                                   seq_len_for_plan, topk_slots, union_count, visible_mask)
+from rocketkv.methods.base import (Method, StepCost, attend_indices, causal_rows, covers_sequence, mean_count,
+                                   per_token_mean, per_token_union, register, seq_len_for_plan, token_uptos,
+                                   topk_slots, union_count, visible_mask)
 
 
 def sparq_temperature(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -52,3 +53,27 @@ class SparQ(Method):
         union_tokens = union_count(idx, upto).float().sum().double() / b
         cost = StepCost(mean_count(chosen.sum(-1)), union_channels * upto + union_tokens * 2 * d + hkv * d)
         return out.to(q.dtype), cost
+
+    def decode_many(self, layer, q, first_slot, plan, scaling):
+        b, hkv, g, n, d = q.shape
+        upto = first_slot + n
+        rows = q.reshape(b, hkv, g * n, d)
+        vis = causal_rows(layer, first_slot, n, g)
+        channels = rows.abs().topk(plan["channels"], dim=-1, sorted=False).indices
+        q_on_channels = torch.zeros_like(rows, dtype=torch.float32).scatter_(-1, channels,
+                                                                              rows.float().gather(-1, channels))
+        logits = torch.einsum("bhrd,bhsd->bhrs", q_on_channels, layer.keys[:, :, :upto].float())
+        logits = (logits / sparq_temperature(rows, channels)[..., None]).masked_fill(~vis, float("-inf"))
+        approx = torch.softmax(logits, dim=-1)
+        idx = topk_slots(approx.masked_fill(~vis, float("-inf")), plan["topk"])  # no future slot, even at k > i
+        y_k = attend_indices(layer, rows, idx, upto, scaling).float()
+        chosen = idx >= 0
+        alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
+        n_visible = vis.sum(-1, keepdim=True)
+        alpha = alpha.masked_fill(chosen.sum(-1, keepdim=True) >= n_visible, 1.0)
+        mean_v = torch.einsum("bhrs,bhsd->bhrd", vis.float(), layer.values[:, :, :upto].float()) / n_visible
+        out = (alpha * y_k + (1 - alpha) * mean_v).to(q.dtype)
+        union_channels = per_token_union(channels, g, n, d) / b
+        union_tokens = per_token_union(idx, g, n, upto) / b
+        elements = union_channels * token_uptos(first_slot, n, q.device) + union_tokens * 2 * d + hkv * d
+        return out.view(b, hkv, g, n, d), StepCost(per_token_mean(chosen.sum(-1), g, n), elements)

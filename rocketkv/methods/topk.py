@@ -3,8 +3,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, mean_count, register, topk_slots,
-                                   union_count, visible_mask)
+from rocketkv.methods.base import (Method, StepCost, attend_indices, causal_rows, covers_sequence, mean_count,
+                                   per_token_mean, per_token_union, register, token_uptos, topk_slots, union_count,
+                                   visible_mask)
 
 
 @register
@@ -26,3 +27,14 @@ class ExactTopK(Method):
         d, hkv = keys.shape[-1], keys.shape[1]
         values_read = union_count(idx, upto).float().sum().double() / q.shape[0]
         return out, StepCost(mean_count((idx >= 0).sum(-1)), upto * d * hkv + values_read * d)
+
+    def decode_many(self, layer, q, first_slot, plan, scaling):
+        b, hkv, g, n, d = q.shape
+        upto = first_slot + n
+        rows = q.reshape(b, hkv, g * n, d)
+        scores = torch.einsum("bhrd,bhsd->bhrs", rows.float(), layer.keys[:, :, :upto].float())
+        idx = topk_slots(scores.masked_fill(~causal_rows(layer, first_slot, n, g), float("-inf")), plan["topk"])
+        out = attend_indices(layer, rows, idx, upto, scaling)
+        values_read = per_token_union(idx, g, n, upto) / b
+        keys_read = token_uptos(first_slot, n, q.device) * (d * hkv)
+        return out.view(b, hkv, g, n, d), StepCost(per_token_mean((idx >= 0).sum(-1), g, n), keys_read + values_read * d)

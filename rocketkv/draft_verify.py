@@ -1,0 +1,134 @@
+"""Greedy decoding of a grid's cells by verifying drafts, as speculative decoding does, with no draft model.
+
+Most cells of a grid generate what full KV generates, or what another cell generates, or text the prompt holds
+(a needle's "The pass key is ..."): their tokens are predictable before they are decoded.  Each round feeds
+every unfinished cell its next token plus a draft of the tokens likely to follow, as the rows of one batch; one
+forward gives the cell's greedy choice after every fed token, and the cell keeps the draft up to the first token
+its own choice disagrees with, plus that choice.  Attention over the fed tokens runs through each method's
+``decode_many``: token i sees exactly what it would see decoded alone, so the kept tokens are the cell's own
+greedy tokens.  A cell's rejected tokens are dropped from its cache and from its statistics.
+
+Drafts (``draft``): the continuation of any decode already known to start with the cell's tokens (full KV's,
+another cell's), else the tokens that followed the latest earlier occurrence of the cell's last few tokens in
+the prompt or its own output (prompt lookup).
+
+As with batched rows, batched products round differently from a cell decoded alone: a cell whose two best
+logits come closer than ``tie_margin`` at a kept position leaves (``None``) for the exact per-cell path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from rocketkv.generation import GreedyStream, Timer, eos_token_ids
+from rocketkv.row_decode import stack_rows
+from rocketkv.session import cache_kwarg
+
+NGRAM = 3  # longest tail matched in the prompt lookup
+LOOKUP_TOKENS = 4  # longest prompt-lookup draft: such drafts are often wrong, and every fed token costs a row
+
+
+@dataclass
+class Lookup:
+    """Where each n-gram (n <= NGRAM) of the prompt last occurs, for prompt-lookup drafts."""
+
+    tokens: list[int]
+    last: dict = field(default_factory=dict)  # n-gram tuple -> start of its latest occurrence
+
+    def __post_init__(self):
+        for n in range(1, NGRAM + 1):
+            for start in range(len(self.tokens) - n):  # an occurrence needs a token after it
+                self.last[tuple(self.tokens[start:start + n])] = start
+
+    def follow(self, outputs: list[int], max_len: int) -> list[int]:
+        """What followed the latest earlier occurrence of the longest matching tail (<= NGRAM tokens) of the
+        prompt and ``outputs``, searched in ``outputs`` first, then in the prompt."""
+        text = self.tokens[-NGRAM:] + outputs
+        for n in range(NGRAM, 0, -1):
+            tail = text[-n:]
+            for start in range(len(outputs) - n - 1, -1, -1):
+                if outputs[start:start + n] == tail:
+                    return outputs[start + n:start + n + max_len]
+            start = self.last.get(tuple(tail))
+            if start is not None:
+                return self.tokens[start + n:start + n + max_len]
+        return []
+
+
+def draft(context: list[int], sources: list[list[int]], lookup: Lookup, max_len: int) -> list[int]:
+    """Up to ``max_len`` tokens likely to follow ``context`` (a cell's output so far): the longest continuation
+    among ``sources`` (outputs of the same prompt) that start with it, else a prompt lookup."""
+    if max_len <= 0:
+        return []
+    best: list[int] = []
+    for source in sources:
+        if len(source) > len(context) + len(best) and source[:len(context)] == context:
+            best = source[len(context):]
+    return best[:max_len] if best else lookup.follow(context, min(max_len, LOOKUP_TOKENS))
+
+
+@torch.inference_mode()
+def verify_rows(model, tokenizer, caches: list[DynamicCache], prompt_ids: list[int], known: list[list[int]],
+                max_new_tokens: int, stop: list[str] | None, ignore_eos: bool, tie_margin: float
+                ) -> tuple[list[GreedyStream | None], list[float]]:
+    """Greedy tokens of each cache (forked from a shared prefill of ``prompt_ids[:-1]``).
+
+    ``known`` are finished decodes of the same prompt (e.g. full KV's) used as drafts.  Returns each row's stream
+    (None for a row that met a near tie) and each row's share of the forwards' seconds."""
+    eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
+    streams: list[GreedyStream | None] = [GreedyStream(tokenizer, max_new_tokens, stop, eos) for _ in caches]
+    states = [cache.layers[0].state for cache in caches]
+    for state in states:
+        state.hold_costs()
+    lookup = Lookup(prompt_ids)
+    pending = [prompt_ids[-1]] * len(caches)  # each row's next token to feed: chosen, not yet in its cache
+    seconds = [0.0] * len(caches)
+    active = list(range(len(caches)))
+    while active:
+        sources = known + [s.tokens for s in streams if s is not None]  # every row's output so far
+        feeds = []
+        for i in active:
+            room = max_new_tokens - len(streams[i].tokens) - 1  # choices a forward can still use, less the first
+            feeds.append([pending[i]] + draft(streams[i].tokens, sources, lookup, room))
+        width = max(len(f) for f in feeds)
+        ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in feeds], device=model.device)
+        seen = torch.tensor([caches[i].layers[0].seen for i in active], device=model.device)
+        with Timer(model.device) as t:
+            logits = model(input_ids=ids, position_ids=seen[:, None] + torch.arange(width, device=model.device),
+                           **{cache_kwarg(model): stack_rows([caches[i] for i in active])}, use_cache=True).logits
+            top = logits.float().topk(2, dim=-1)
+            margins = (top.values[..., 0] - top.values[..., 1]).tolist()
+            chosen = top.indices[..., 0].tolist()
+        still = []
+        for row, i in enumerate(active):
+            seconds[i] += t.seconds / len(active)
+            kept, going = _accept(streams[i], feeds[row], chosen[row], margins[row], tie_margin)
+            if kept is None:
+                streams[i] = None
+                continue
+            states[i].keep_costs(kept)
+            for layer in caches[i].layers:
+                layer.drop_newest(width - kept)
+            if going:
+                pending[i] = streams[i].tokens[-1]
+                still.append(i)
+            else:
+                states[i].settle()
+        active = still
+    return streams, seconds
+
+
+def _accept(stream: GreedyStream, fed: list[int], chosen: list[int], margins: list[float], tie_margin: float
+            ) -> tuple[int | None, bool]:
+    """Push the row's greedy choices while they agree with what was fed after them.  Returns how many fed tokens
+    stay in the cache (None at a near tie) and whether the row goes on."""
+    for j in range(len(fed)):
+        if margins[j] < tie_margin:
+            return None, False
+        if stream.push(chosen[j]):
+            return j + 1, False
+        if j + 1 == len(fed) or fed[j + 1] != chosen[j]:
+            return j + 1, True
+    raise AssertionError("unreachable: the last fed position always ends the loop")
