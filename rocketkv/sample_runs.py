@@ -202,40 +202,41 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     return records
 
 
-def _decode_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, distinct: dict,
-                 tie_margin: float) -> dict:
+def _as_rows(model, spec, sample, shared: SharedPrefill, mem, distinct: dict, decode_rows_of):
+    """Fork every cell of ``distinct`` from the shared prefill and run ``decode_rows_of(caches)`` on them as the rows
+    of one batch.  Returns its result, each cell's statistics and the memory record; the forks are freed."""
     mem.reset()
     sessions = {key: CompressionSession(model, cell.method, sample.max_new_tokens, spec.max_len)
                 for key, cell in distinct.items()}
     with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
                   model_max_len=spec.max_len):
         caches = [session.fork(shared.cache, sample.max_new_tokens) for session in sessions.values()]
-        streams, t_first, t_decode = decode_rows(model, tokenizer, caches, ids[-1], sample.max_new_tokens,
-                                                 sample.stop, task.ignore_eos, tie_margin)
+        result = decode_rows_of(caches)
     stats = {key: session.release() for key, session in sessions.items()}
     del caches
-    memory = shared.memory(mem, mem.read())
-    n = len(sessions)  # each row records its share of the batch's time
+    return result, stats, shared.memory(mem, mem.read())
+
+
+def _decode_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, distinct: dict,
+                 tie_margin: float) -> dict:
+    (streams, t_first, t_decode), stats, memory = _as_rows(
+        model, spec, sample, shared, mem, distinct,
+        lambda caches: decode_rows(model, tokenizer, caches, ids[-1], sample.max_new_tokens, sample.stop,
+                                   task.ignore_eos, tie_margin))
+    n = len(distinct)  # each row records its share of the batch's time
     return {key: Decoded(stream.tokens, stream.text, shared.seconds + t_first / n, t_decode / n, stats[key],
                          memory, "batch_row")
-            for key, stream in zip(sessions, streams) if stream is not None}
+            for key, stream in zip(distinct, streams) if stream is not None}
 
 
 def _verify_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, distinct: dict,
                  known: list[list[int]], tie_margin: float) -> dict:
-    mem.reset()
-    sessions = {key: CompressionSession(model, cell.method, sample.max_new_tokens, spec.max_len)
-                for key, cell in distinct.items()}
-    with compress(model, method="full", budget=None, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len):
-        caches = [session.fork(shared.cache, sample.max_new_tokens) for session in sessions.values()]
-        streams, seconds = verify_rows(model, tokenizer, caches, ids, known, sample.max_new_tokens, sample.stop,
-                                       task.ignore_eos, tie_margin)
-    stats = {key: session.release() for key, session in sessions.items()}
-    del caches
-    memory = shared.memory(mem, mem.read())
+    (streams, seconds), stats, memory = _as_rows(
+        model, spec, sample, shared, mem, distinct,
+        lambda caches: verify_rows(model, tokenizer, caches, ids, known, sample.max_new_tokens, sample.stop,
+                                   task.ignore_eos, tie_margin))
     return {key: Decoded(stream.tokens, stream.text, shared.seconds, row_seconds, stats[key], memory, "verified_row")
-            for key, stream, row_seconds in zip(sessions, streams, seconds) if stream is not None}
+            for key, stream, row_seconds in zip(distinct, streams, seconds) if stream is not None}
 
 
 def _decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, cell: Cell) -> Decoded:
