@@ -27,13 +27,17 @@ CASES = [
 ]
 
 
-def build(name, budget, options, shape, prompt, new_k, new_v, seed):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+def build(name, budget, options, shape, prompt, new_k, new_v, seed, device="cpu"):
     b, hkv, g, d = shape
     gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, hkv, prompt, d, generator=gen)
-    v = torch.randn(b, hkv, prompt, d, generator=gen)
-    q_window = torch.randn(b, hkv, g, 8, d, generator=gen)
-    method = make_method(name, budget, kernels="torch", **options)
+    k = torch.randn(b, hkv, prompt, d, generator=gen).to(device)
+    v = torch.randn(b, hkv, prompt, d, generator=gen).to(device)
+    q_window = torch.randn(b, hkv, g, 8, d, generator=gen).to(device)
+    # on CUDA "auto" runs the Triton page-score kernels where a method uses them
+    method = make_method(name, budget, kernels="torch" if device == "cpu" else "auto", **options)
     state = GenerationState(method, new_k.shape[2] + 2, None)
     state.plan = method.plan(prompt, new_k.shape[2] + 2, d, None, g)
     state.prompt_len, state.group_size = prompt, g
@@ -42,28 +46,29 @@ def build(name, budget, options, shape, prompt, new_k, new_v, seed):
     method.compress(layer, q_window, prompt, state.plan, d ** -0.5)
     layer.compressed = True
     method.index(layer, state.plan)
-    layer.update(new_k, new_v)
+    layer.update(new_k.to(device), new_v.to(device))
     return method, layer, state.plan
 
 
 @pytest.mark.parametrize("name,budget,options", CASES)
 @pytest.mark.parametrize("shape", [(1, 2, 3, 16), (2, 1, 1, 8)])
-def test_decode_many_equals_the_steps_one_by_one(name, budget, options, shape):
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_many_equals_the_steps_one_by_one(name, budget, options, shape, device):
     b, hkv, g, d = shape
     prompt, n = 61, 7
     gen = torch.Generator().manual_seed(11)
     new_k = torch.randn(b, hkv, n, d, generator=gen) * 4  # later tokens would dominate if they leaked
     new_v = torch.randn(b, hkv, n, d, generator=gen) * 4
-    q = torch.randn(b, hkv, g, n, d, generator=gen)
-    method, layer, plan = build(name, budget, options, shape, prompt, new_k, new_v, seed=3)
-    _, ref_layer, _ = build(name, budget, options, shape, prompt, new_k, new_v, seed=3)
+    q = torch.randn(b, hkv, g, n, d, generator=gen).to(device)
+    method, layer, plan = build(name, budget, options, shape, prompt, new_k, new_v, seed=3, device=device)
+    _, ref_layer, _ = build(name, budget, options, shape, prompt, new_k, new_v, seed=3, device=device)
     first = layer.stored - n
     out, cost = method.decode_many(layer, q, first, plan, d ** -0.5)
     ref_out, ref_cost = Method.decode_many(method, ref_layer, q, first, plan, d ** -0.5)
     assert out.shape == (b, hkv, g, n, d)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.as_tensor(cost.attended), ref_cost.attended)
-    torch.testing.assert_close(torch.as_tensor(cost.elements), ref_cost.elements)
+    torch.testing.assert_close(torch.as_tensor(cost.attended, device=device), ref_cost.attended)
+    torch.testing.assert_close(torch.as_tensor(cost.elements, device=device), ref_cost.elements)
 
 
 @pytest.mark.parametrize("name,budget,options", [c for c in CASES if c[0] in ("quest", "rocketkv")])
