@@ -129,9 +129,10 @@ class CompressedLayer(DynamicLayer):
 class RowStackLayer(DynamicLayer):
     """One layer of several compressed caches decoded as the rows of one batch (the cells of a grid).
 
-    Every row keeps its own ``CompressedLayer`` (method, plan, evictions, statistics); all rows come from one
-    prompt and advance together, so they share token positions.  ``update`` hands each row its slice of the new
-    K/V; the attention function then attends row by row through each row's method.
+    Every row keeps its own ``CompressedLayer`` (method, plan, evictions, statistics, token positions); all rows
+    come from one prompt.  ``update`` hands each row its slice of the new K/V; the attention function then attends
+    row by row through each row's method.  Rows that advance together share positions (``get_seq_length`` reads
+    the first row's); a caller whose rows stand at different positions passes ``position_ids`` per row.
     """
 
     def __init__(self, rows: list[CompressedLayer]):

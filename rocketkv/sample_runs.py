@@ -129,6 +129,12 @@ class RowBatching:
                 raise ValueError(f"grid.{key}={flags[key]!r} is not valid; give true or false")
         return cls(flags["batch_decode"] or flags["speculative"], float(margin), rows, flags["speculative"])
 
+    def batches(self, cells: dict) -> list[dict]:
+        """``cells`` (decode key -> cell) in batches of at most ``max_rows``."""
+        items = list(cells.items())
+        size = self.max_rows or len(items) or 1
+        return [dict(items[start:start + size]) for start in range(0, len(items), size)]
+
 
 @dataclass
 class SharedPrefill:
@@ -165,8 +171,9 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     Cells whose plan is dense for this sample (full KV, budgets covering the sequence) compute exactly the same
     thing, so one decode serves them all.  Each decode is timed alone, and its peak memory is measured from its
     own start; the decode peak excludes the shared prefill cache, which a separate run would not hold.  With
-    ``batching.enabled`` the distinct cells decode as rows of a batch (``row_decode``), and a row dropped at a
-    near tie is decoded alone."""
+    ``batching.enabled`` the distinct cells decode as rows of a batch (``row_decode``); with ``batching.speculative``
+    the dense decode runs alone first and the other cells verify drafts as rows (``draft_verify``).  A row dropped
+    at a near tie is decoded alone."""
     mem = PeakMemory(model.device)
     shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells), mem)
     first = shared.cache.layers[0]
@@ -180,20 +187,15 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     if batching.speculative and len(distinct) > 1:
         if "dense" in distinct:  # decoded alone, exactly; its tokens draft every other cell
             decoded["dense"] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, distinct["dense"])
-        known = [d.tokens for d in decoded.values()]
-        items = [(key, cell) for key, cell in distinct.items() if key != "dense"]
-        size = batching.max_rows or len(items)
-        for start in range(0, len(items), size):
-            decoded.update(_verify_rows(model, tokenizer, spec, sample, ids, task, shared, mem,
-                                        dict(items[start:start + size]), known, batching.tie_margin))
-            known = [d.tokens for d in decoded.values()]
+        for batch in batching.batches({key: cell for key, cell in distinct.items() if key != "dense"}):
+            known = [d.tokens for d in decoded.values()]  # every finished decode drafts the next batch
+            decoded.update(_verify_rows(model, tokenizer, spec, sample, ids, task, shared, mem, batch, known,
+                                        batching.tie_margin))
     elif batching.enabled and len(distinct) > 1:
-        items = list(distinct.items())
-        size = batching.max_rows or len(items)
-        for start in range(0, len(items), size):
-            if len(items[start:start + size]) > 1:
-                decoded.update(_decode_rows(model, tokenizer, spec, sample, ids, task, shared, mem,
-                                            dict(items[start:start + size]), batching.tie_margin))
+        for batch in batching.batches(distinct):
+            if len(batch) > 1:
+                decoded.update(_decode_rows(model, tokenizer, spec, sample, ids, task, shared, mem, batch,
+                                            batching.tie_margin))
     records = []
     for cell, plan, key in zip(cells, plans, keys):
         if key not in decoded:

@@ -161,13 +161,24 @@ def token_uptos(first_slot: int, n: int, device) -> torch.Tensor:
     return torch.arange(first_slot + 1, first_slot + n + 1, device=device, dtype=torch.float64)
 
 
+def token_sees(slots: torch.Tensor, first_slot: int, n: int) -> torch.Tensor:
+    """``[n, len(slots)]``: whether token i of ``n`` consecutive tokens (the first stored at ``first_slot``) sees
+    each slot index in ``slots``, i.e. ``slot <= first_slot + i``."""
+    return slots <= (first_slot + torch.arange(n, device=slots.device))[:, None]
+
+
+def per_token_group_mean(counts: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """``mean_count`` per token of per-group counts with the tokens folded into the batch axis (``[B·n,Hkv,1]``,
+    token-minor) -> ``[n]`` float64."""
+    return counts.view(b, n, -1).float().mean(dim=(0, 2)).double()
+
+
 def causal_rows(layer: CompressedLayer, first_slot: int, n: int, g: int) -> torch.Tensor:
     """``[B,Hkv,g·n,first_slot+n]`` visibility of ``n`` consecutive tokens' query heads, folded head-major
     (row ``j·n + i`` is head j of token i): token i sees slots up to ``first_slot + i``, within its head's
     ``visible`` mask."""
     upto = first_slot + n
-    device = layer.keys.device
-    causal = torch.arange(upto, device=device) <= (first_slot + torch.arange(n, device=device))[:, None]  # [n,S]
+    causal = token_sees(torch.arange(upto, device=layer.keys.device), first_slot, n)  # [n,S]
     b, hkv = layer.keys.shape[:2]
     vis = causal.expand(b, hkv, g, n, upto) if layer.visible is None else layer.visible[..., None, :upto] & causal
     return vis.reshape(b, hkv, g * n, upto)

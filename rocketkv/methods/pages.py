@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rocketkv.cache import CompressedLayer
+from rocketkv.methods.base import token_sees
 
 
 def index_pages(layer: CompressedLayer, page_size: int, upto: int | None = None) -> None:
@@ -62,8 +63,7 @@ def page_bounds_per_token(layer: CompressedLayer, page_size: int, first_slot: in
     keys = layer.keys[:, :, start:end]
     b, hkv, _, d = keys.shape
     keys = torch.nn.functional.pad(keys, (0, 0, 0, n_pages * page_size - (end - start)))
-    slot = start + torch.arange(n_pages * page_size, device=keys.device)
-    sees = slot <= (first_slot + torch.arange(n, device=keys.device))[:, None]  # [n, slots]
+    sees = token_sees(start + torch.arange(n_pages * page_size, device=keys.device), first_slot, n)  # [n, slots]
     hidden = ~sees[None, None, :, :, None]
     shape = (b, hkv, n, n_pages, page_size, d)
     empty = ~sees.view(n, n_pages, page_size).any(-1)  # [n,P']

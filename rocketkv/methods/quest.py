@@ -8,13 +8,21 @@ from dataclasses import dataclass
 import torch
 
 from rocketkv import kernels
-from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, mean_count, register,
-                                   seq_len_for_plan, token_uptos, topk_slots)
+from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, mean_count,
+                                   per_token_group_mean, register, seq_len_for_plan, token_uptos, topk_slots)
 from rocketkv.methods.pages import index_pages, page_bounds_per_token, token_rows
 
 
 def selected_pages(topk: int, page_size: int) -> int:
     return max(1, topk // page_size)
+
+
+def page_slots(pages: torch.Tensor, page_size: int, limit) -> torch.Tensor:
+    """The slots of the chosen ``pages`` (``[..., m]``, -1 pads) as ``[..., m·p]``; pad pages and slots at or past
+    ``limit`` (an int, or a tensor broadcasting over the leading axes) become -1."""
+    slots = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+    padded = (pages.unsqueeze(-1) < 0).expand(*pages.shape, page_size).flatten(-2)
+    return slots.masked_fill(padded | (slots >= limit), -1)
 
 
 @register
@@ -41,14 +49,11 @@ class Quest(Method):
         pmin, pmax = layer.meta["page_min_t"][..., :n_pages], layer.meta["page_max_t"][..., :n_pages]
         bounds = kernels.quest_page_scores(q, pmin, pmax, backend=self.kernels)  # [B,Hkv,g,P]
         group_bounds = bounds.sum(dim=2, keepdim=True)  # pages chosen per KV group
-        pages = topk_slots(group_bounds, selected_pages(plan["topk"], p))  # [B,Hkv,1,m]
-        slots = (pages.unsqueeze(-1) * p + torch.arange(p, device=pages.device)).flatten(-2)
-        slots = slots.masked_fill((pages.unsqueeze(-1) < 0).expand(*pages.shape, p).flatten(-2) | (slots >= upto), -1)
+        slots = page_slots(topk_slots(group_bounds, selected_pages(plan["topk"], p)), p, upto)  # [B,Hkv,1,m·p]
         out = attend_indices(layer, q, slots, upto, scaling)
         hkv, d = q.shape[1], q.shape[-1]
         attended = mean_count((slots >= 0).sum(-1))
         return out, StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))
-
 
     def decode_many(self, layer, q, first_slot, plan, scaling):
         b, hkv, g, n, d = q.shape
@@ -62,11 +67,9 @@ class Quest(Method):
         touched = touched.view(b, n, hkv, g, -1).masked_fill(~pages.exists[None, :, None, None], float("-inf"))
         bounds = torch.cat([fixed.permute(0, 3, 1, 2, 4), touched], dim=-1)  # [B,n,Hkv,g,P]
         group_bounds = bounds.sum(dim=3, keepdim=True).flatten(0, 1)  # [B·n,Hkv,1,P]
-        pages = topk_slots(group_bounds, selected_pages(plan["topk"], p))  # [B·n,Hkv,1,m]
-        slots = (pages.unsqueeze(-1) * p + torch.arange(p, device=pages.device)).flatten(-2)
         uptos = (first_slot + 1 + torch.arange(n, device=q.device)).repeat(b).view(b * n, 1, 1, 1)
-        slots = slots.masked_fill((pages.unsqueeze(-1) < 0).expand(*pages.shape, p).flatten(-2) | (slots >= uptos), -1)
+        slots = page_slots(topk_slots(group_bounds, selected_pages(plan["topk"], p)), p, uptos)  # [B·n,Hkv,1,m·p]
         out = attend_indices(layer, q.reshape(b, hkv, g * n, d), token_rows(slots, b, n, g), first_slot + n, scaling)
-        attended = (slots >= 0).sum(-1).view(b, n, hkv).float().mean(dim=(0, 2)).double()
+        attended = per_token_group_mean((slots >= 0).sum(-1), b, n)
         n_pages = torch.ceil(token_uptos(first_slot, n, q.device) / p)
         return out.view(b, hkv, g, n, d), StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))

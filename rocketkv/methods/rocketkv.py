@@ -15,8 +15,8 @@ import torch
 
 from rocketkv import kernels
 from rocketkv.methods.base import (Method, StepCost, attend_indices, ceil_div, covers_sequence, keep_selection,
-                                   max_pool, mean_count, register, seq_len_for_plan, token_uptos, topk_slots,
-                                   window_scores)
+                                   max_pool, mean_count, per_token_group_mean, register, seq_len_for_plan,
+                                   token_sees, token_uptos, topk_slots, window_scores)
 from rocketkv.methods.pages import index_pages, page_bounds_per_token, page_to_slots, token_rows
 from rocketkv.methods.sparq import sparq_temperature
 
@@ -101,11 +101,10 @@ class RocketKV(Method):
         page_logits = torch.cat([fixed, touched], dim=-1)  # [B·n,Hkv,g,P]
         tau = sparq_temperature(q_tokens, channels.unsqueeze(2).expand(b * n, hkv, g, channels.shape[-1]))
         token_logits = (page_to_slots(page_logits, p, upto) / tau[..., None]).view(b, n, hkv, g, upto)
-        future = torch.arange(upto, device=q.device) > (first_slot + torch.arange(n, device=q.device))[:, None]
-        future = future[None, :, None, None]
+        future = ~token_sees(torch.arange(upto, device=q.device), first_slot, n)[None, :, None, None]
         probs = torch.softmax(token_logits.masked_fill(future, float("-inf")), dim=-1).mean(dim=3, keepdim=True)
         idx = topk_slots(probs.masked_fill(future, float("-inf")).flatten(0, 1), plan["topk"])  # [B·n,Hkv,1,k]
         out = attend_indices(layer, q.reshape(b, hkv, g * n, d), token_rows(idx, b, n, g), upto, scaling)
-        attended = (idx >= 0).sum(-1).view(b, n, hkv).float().mean(dim=(0, 2)).double()
+        attended = per_token_group_mean((idx >= 0).sum(-1), b, n)
         n_pages = torch.ceil(token_uptos(first_slot, n, q.device) / p)
         return out.view(b, hkv, g, n, d), StepCost(attended, hkv * (n_pages * plan["channels"] + attended * 2 * d))
