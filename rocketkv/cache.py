@@ -133,11 +133,15 @@ class RowStackLayer(DynamicLayer):
     come from one prompt.  ``update`` hands each row its slice of the new K/V; the attention function then attends
     row by row through each row's method.  Rows that advance together share positions (``get_seq_length`` reads
     the first row's); a caller whose rows stand at different positions passes ``position_ids`` per row.
+
+    ``widths`` (default: all) says how many of each row's fed tokens are real: a shorter row is padded to the
+    batch's width, and its padding tokens, stored and dropped afterwards by the caller, get no attention.
     """
 
-    def __init__(self, rows: list[CompressedLayer]):
+    def __init__(self, rows: list[CompressedLayer], widths: list[int] | None = None):
         super().__init__()
         self.rows = rows
+        self.widths = widths
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

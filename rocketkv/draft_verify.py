@@ -9,8 +9,11 @@ its own choice disagrees with, plus that choice.  Attention over the fed tokens 
 greedy tokens.  A cell's rejected tokens are dropped from its cache and from its statistics.
 
 Drafts (``draft``): the continuation of any decode already known to start with the cell's tokens (full KV's,
-another cell's), else the tokens that followed the latest earlier occurrence of the cell's last few tokens in
-the prompt or its own output (prompt lookup).
+another cell's), else the tokens that followed the latest earlier occurrence of the cell's last 2-3 tokens in
+the prompt or its own output (prompt lookup).  A forward costs about one weight read up to ~16 token rows, so a
+narrow batch (full KV alone, the last unfinished cells) takes longer lookups than a wide one.  Rows are padded
+to the batch's width; padding tokens get no attention (``RowStackLayer.widths``), so a row fed one token costs
+one decode step.
 
 As with batched rows, batched products round differently from a cell decoded alone: a cell whose two best
 logits come closer than ``tie_margin`` at a kept position leaves (``None``) for the exact per-cell path.
@@ -27,7 +30,11 @@ from rocketkv.row_decode import stack_rows
 from rocketkv.session import cache_kwarg
 
 NGRAM = 3  # longest tail matched in the prompt lookup
-LOOKUP_TOKENS = 4  # longest prompt-lookup draft: such drafts are often wrong, and every fed token costs a row
+MIN_MATCH = 2  # shortest: what followed a single matching token is almost never what comes next
+LOOKUP_TOKENS = 4  # longest prompt-lookup draft in a wide batch: such drafts are often wrong, and every fed token
+# costs a row of every projection
+CHEAP_TOKEN_ROWS = 16  # a forward with up to this many token rows costs about one weight read: a narrow batch
+# takes longer prompt-lookup drafts (a row alone, up to 16 tokens)
 
 
 @dataclass
@@ -38,15 +45,15 @@ class Lookup:
     last: dict = field(default_factory=dict)  # n-gram tuple -> start of its latest occurrence
 
     def __post_init__(self):
-        for n in range(1, NGRAM + 1):
+        for n in range(MIN_MATCH, NGRAM + 1):
             for start in range(len(self.tokens) - n):  # an occurrence needs a token after it
                 self.last[tuple(self.tokens[start:start + n])] = start
 
     def follow(self, outputs: list[int], max_len: int) -> list[int]:
-        """What followed the latest earlier occurrence of the longest matching tail (<= NGRAM tokens) of the
-        prompt and ``outputs``, searched in ``outputs`` first, then in the prompt."""
+        """What followed the latest earlier occurrence of the longest matching tail (MIN_MATCH to NGRAM tokens)
+        of the prompt and ``outputs``, searched in ``outputs`` first, then in the prompt."""
         text = self.tokens[-NGRAM:] + outputs
-        for n in range(NGRAM, 0, -1):
+        for n in range(NGRAM, MIN_MATCH - 1, -1):
             tail = text[-n:]
             for start in range(len(outputs) - n - 1, -1, -1):
                 if outputs[start:start + n] == tail:
@@ -57,16 +64,18 @@ class Lookup:
         return []
 
 
-def draft(context: list[int], sources: list[list[int]], lookup: Lookup, max_len: int) -> list[int]:
+def draft(context: list[int], sources: list[list[int]], lookup: Lookup, max_len: int,
+          lookup_len: int = LOOKUP_TOKENS) -> list[int]:
     """Up to ``max_len`` tokens likely to follow ``context`` (a cell's output so far): the longest continuation
-    among ``sources`` (outputs of the same prompt) that start with it, else a prompt lookup."""
+    among ``sources`` (outputs of the same prompt) that start with it, else a prompt lookup of up to
+    ``lookup_len`` tokens."""
     if max_len <= 0:
         return []
     best: list[int] = []
     for source in sources:
         if len(source) > len(context) + len(best) and source[:len(context)] == context:
             best = source[len(context):]
-    return best[:max_len] if best else lookup.follow(context, min(max_len, LOOKUP_TOKENS))
+    return best[:max_len] if best else lookup.follow(context, min(max_len, lookup_len))
 
 
 @torch.inference_mode()
@@ -89,15 +98,17 @@ def verify_rows(model, tokenizer, caches: list[DynamicCache], prompt_ids: list[i
     while active:
         sources = known + [s.tokens for s in streams if s is not None]  # every row's output so far
         feeds = []
+        lookup_len = max(LOOKUP_TOKENS, CHEAP_TOKEN_ROWS // len(active))
         for i in active:
             room = max_new_tokens - len(streams[i].tokens) - 1  # choices a forward can still use, less the first
-            feeds.append([pending[i]] + draft(streams[i].tokens, sources, lookup, room))
+            feeds.append([pending[i]] + draft(streams[i].tokens, sources, lookup, room, lookup_len))
         width = max(len(f) for f in feeds)
         ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in feeds], device=model.device)
         seen = torch.tensor([caches[i].layers[0].seen for i in active], device=model.device)
         with Timer(model.device) as t:
             logits = model(input_ids=ids, position_ids=seen[:, None] + torch.arange(width, device=model.device),
-                           **{cache_kwarg(model): stack_rows([caches[i] for i in active])}, use_cache=True).logits
+                           **{cache_kwarg(model): stack_rows([caches[i] for i in active], [len(f) for f in feeds])},
+                           use_cache=True).logits
             top = logits.float().topk(2, dim=-1)
             margins = (top.values[..., 0] - top.values[..., 1]).tolist()
             chosen = top.indices[..., 0].tolist()

@@ -16,10 +16,11 @@ from rocketkv.generation import GreedyStream, Timer, eos_token_ids
 from rocketkv.session import cache_kwarg
 
 
-def stack_rows(caches: list[DynamicCache]) -> DynamicCache:
-    """One cache whose batch rows are ``caches`` (compressed, at the same position); their layers are shared."""
+def stack_rows(caches: list[DynamicCache], widths: list[int] | None = None) -> DynamicCache:
+    """One cache whose batch rows are ``caches`` (compressed); their layers are shared.  ``widths``: each row's
+    real fed tokens, where rows are padded to one width (``RowStackLayer``)."""
     stacked = DynamicCache()
-    stacked.layers = [RowStackLayer([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))]
+    stacked.layers = [RowStackLayer([c.layers[i] for c in caches], widths) for i in range(len(caches[0].layers))]
     stacked.layer_class_to_replicate = None
     return stacked
 

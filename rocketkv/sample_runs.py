@@ -172,8 +172,8 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     thing, so one decode serves them all.  Each decode is timed alone, and its peak memory is measured from its
     own start; the decode peak excludes the shared prefill cache, which a separate run would not hold.  With
     ``batching.enabled`` the distinct cells decode as rows of a batch (``row_decode``); with ``batching.speculative``
-    the dense decode runs alone first and the other cells verify drafts as rows (``draft_verify``).  A row dropped
-    at a near tie is decoded alone."""
+    the dense decode runs first, alone, verifying its own prompt lookups, and the other cells verify drafts as rows
+    (``draft_verify``).  A row dropped at a near tie is decoded alone, exactly."""
     mem = PeakMemory(model.device)
     shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells), mem)
     first = shared.cache.layers[0]
@@ -185,8 +185,12 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
         distinct.setdefault(key, cell)
     decoded: dict[object, Decoded] = {}
     if batching.speculative and len(distinct) > 1:
-        if "dense" in distinct:  # decoded alone, exactly; its tokens draft every other cell
-            decoded["dense"] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, distinct["dense"])
+        if "dense" in distinct:  # first, alone, drafting itself by prompt lookup; its tokens draft every other cell
+            decoded.update(_verify_rows(model, tokenizer, spec, sample, ids, task, shared, mem,
+                                        {"dense": distinct["dense"]}, [], batching.tie_margin))
+            if "dense" not in decoded:  # a near tie: the exact per-cell path
+                decoded["dense"] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem,
+                                                  distinct["dense"])
         for batch in batching.batches({key: cell for key, cell in distinct.items() if key != "dense"}):
             known = [d.tokens for d in decoded.values()]  # every finished decode drafts the next batch
             decoded.update(_verify_rows(model, tokenizer, spec, sample, ids, task, shared, mem, batch, known,

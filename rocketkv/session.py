@@ -138,7 +138,8 @@ def rocketkv_attention(module, query, key, value, attention_mask, scaling=None, 
     if layer is None or layer.keys is not key:
         out = _dense_fallback(query, key, value, scaling)
     elif isinstance(layer, RowStackLayer):
-        out = torch.cat([_attend(row, query[i:i + 1], scaling) for i, row in enumerate(layer.rows)])
+        out = torch.cat([_attend(row, query[i:i + 1], scaling, layer.widths and layer.widths[i])
+                         for i, row in enumerate(layer.rows)])
     else:
         out = _attend(layer, query, scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -156,14 +157,19 @@ AttentionInterface.register(ATTN_NAME, rocketkv_attention)
 AttentionMaskInterface.register(ATTN_NAME, rocketkv_mask)
 
 
-def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float, width: int | None = None) -> torch.Tensor:
+    """Attention of ``query`` over ``layer``.  ``width``: only the first ``width`` fed tokens are real (a batch row
+    padded to the batch's width); the padding after them gets zeros."""
     state: GenerationState = layer.state
     b, hq, n, d = query.shape
     hkv = layer.keys.shape[1]
     q = query.view(b, hkv, hq // hkv, n, d)
     if not layer.compressed:
         return _prefill(layer, state, query, q, scaling)
-    return _decode_tokens(layer, state, state.method_for(layer.layer_idx), q, layer.stored - n, scaling)
+    width = width or n
+    out = _decode_tokens(layer, state, state.method_for(layer.layer_idx), q[..., :width, :], layer.stored - n,
+                         scaling)
+    return out if width == n else torch.cat([out, out.new_zeros(b, hq, n - width, d)], dim=2)
 
 
 def _prefill(layer, state, query, q, scaling):

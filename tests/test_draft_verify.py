@@ -1,10 +1,12 @@
 """Cells decoded by verifying drafts (``grid.speculative``) against each cell decoded alone, and the draft
 and acceptance rules on known cases."""
 import pytest
+import torch
 
 from conftest import peaky_model
 from rocketkv.draft_verify import Lookup, _accept, draft, verify_rows
 from rocketkv.generation import GreedyStream
+from rocketkv.row_decode import stack_rows
 from rocketkv.session import compress
 from test_generation_equivalence import MAX_NEW, SMALL, prompt, shared_prefill
 from test_row_decode import DigitTokenizer, alone, forks
@@ -23,6 +25,14 @@ def test_draft_falls_back_to_prompt_lookup():
     assert draft([11, 12, 7, 11, 12], [], lookup, 2) == [7, 11]  # the output's own earlier (11, 12) first
     assert draft([], [], Lookup([1, 2, 3, 1, 2]), 4) == [3, 1, 2]  # the prompt's own tail, before any output
     assert draft([77], [], lookup, 4) == []  # nothing seen before
+    assert draft([3, 16], [], lookup, 4) == []  # one matching token (16) is not enough to draft from
+
+
+def test_prompt_lookup_length():
+    lookup = Lookup(list(range(10, 40)) + [10, 11])
+    assert draft([], [], lookup, 20) == [12, 13, 14, 15]  # a wide batch's lookups stay short
+    assert draft([], [], lookup, 20, lookup_len=16) == list(range(12, 28))  # a narrow batch takes more
+    assert draft([], [], lookup, 3, lookup_len=16) == [12, 13, 14]  # never past the room left
 
 
 def stream(max_new=10):
@@ -82,3 +92,57 @@ def test_verified_rows_decode_as_each_cell_alone(drafts):
     agree = sum(row is not None and row.tokens == full_tokens for row in streams)
     if drafts == "full":
         assert agree and forwards[0] == (len(cells), MAX_NEW) and forwards[1][0] <= len(cells) - agree
+
+
+def test_a_cell_alone_verifies_its_own_prompt_lookups():
+    """Full KV in a speculative grid: one row, no other decode to draft from, long prompt lookups only (a row
+    alone is cheap to widen); its tokens and steps are full KV's decoded step by step."""
+    model = peaky_model("llama")
+    model.generation_config.eos_token_id = None
+    ids = prompt(seed=3)
+    ids[0, -12:] = ids[0, 20:32]  # the prompt ends repeating itself, as a needle's question repeats its key
+    shared = shared_prefill(model, ids, capture_window=32)
+    full_tokens, _, _ = alone(model, shared, ids, SMALL[0])
+    (session,), (cache,) = forks(model, shared, SMALL[:1])
+    forwards = []
+    forward = model.forward
+    model.forward = lambda *a, **k: forwards.append(k["input_ids"].shape) or forward(*a, **k)
+    try:
+        with compress(model, "full", None, max_new_tokens=MAX_NEW):
+            [row], _ = verify_rows(model, DigitTokenizer(), [cache], ids[0].tolist(), [], MAX_NEW, None,
+                                   ignore_eos=True, tie_margin=0.01)
+    finally:
+        del model.forward
+    assert row is not None and row.tokens == full_tokens
+    assert session.stats()["decode_steps"] == MAX_NEW
+    assert forwards[0][1] > 4 and len(forwards) <= MAX_NEW  # the prompt's repeat drafted a long first feed
+
+
+def test_padding_of_a_narrow_row_gets_no_attention():
+    """Rows padded to the batch's width: a row's real tokens attend as if fed alone, its padding gets zeros and
+    records no cost."""
+    model = peaky_model("llama")
+    ids = prompt(seed=5)
+    shared = shared_prefill(model, ids, capture_window=32)
+    cell = ("quest", 32, {})
+    (s_wide, s_narrow), caches = forks(model, shared, [cell, cell])
+    (s_alone,), (cache_alone,) = forks(model, shared, [cell])
+    for s in (s_wide, s_narrow, s_alone):
+        s.state.hold_costs()
+    feed = ids[:, -1:].expand(2, 3).clone()
+    captured = []
+    attention = model.model.layers[1].self_attn.o_proj
+    hook = attention.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    try:
+        with compress(model, "full", None, max_new_tokens=MAX_NEW), torch.no_grad():
+            seen = caches[0].layers[0].seen
+            model(input_ids=feed, position_ids=seen + torch.arange(3).expand(2, 3),
+                  past_key_values=stack_rows(caches, widths=[3, 1]), use_cache=True)
+            model(input_ids=feed[:1, :1], past_key_values=cache_alone, use_cache=True)
+    finally:
+        hook.remove()
+    batch, single = captured
+    assert torch.allclose(batch[1, 0], single[0, 0], atol=1e-5)  # the narrow row's real token
+    assert not batch[1, 1:].any() and batch[0, 1:].abs().sum() > 0  # its padding attended to nothing
+    assert [len(a) for a, _ in s_narrow.state.held] == [1] * len(s_narrow.state.held)
+    assert [len(a) for a, _ in s_wide.state.held] == [3] * len(s_wide.state.held)

@@ -309,3 +309,35 @@ def test_fork_refuses_short_capture():
     with compress(model, "rocketkv", 32, max_new_tokens=MAX_NEW) as session:
         with pytest.raises(ValueError, match="capture_window"):
             session.fork(shared)
+
+
+def test_forks_score_the_observation_window_once(monkeypatch):
+    """SnapKV and RocketKV cells forked from one shared prefill score its captured queries once per layer and
+    window; the remembered scores are those a fresh computation gives, and go when the shared prefill goes."""
+    import gc
+
+    from rocketkv import cache as cache_module
+    from rocketkv.methods import base
+
+    model = peaky_model("llama")
+    ids = prompt(seed=8)
+    shared = shared_prefill(model, ids, capture_window=32)
+    computed = []
+    real = base._window_scores
+    monkeypatch.setattr(base, "_window_scores", lambda *a: computed.append(a[3]) or real(*a))
+    cells = [("snapkv", 48 * 4, {"selection": "head"}), ("snapkv", 96, {"selection": "group"}),
+             ("rocketkv", 32, {}), ("rocketkv", 64, {}), ("snapkv", 64, {"selection": "group", "window": 16})]
+    for method, budget, opts in cells:
+        with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
+            session.fork(shared)
+    n_layers = len(shared.layers)
+    assert sorted(computed) == [16] * n_layers + [32] * n_layers
+    args = [(l.captured_q, l.keys, l.stored, 32, l.captured_scaling) for l in shared.layers]
+    same = [torch.equal(base.window_scores(*a), real(*a)) for a in args]
+    assert same == [True] * n_layers
+    remembered = [id(a[0]) for a in args]
+    assert all(i in base._SCORED_WINDOWS for i in remembered)
+    del shared, args
+    cache_module._active.layer = None  # the attention function's pointer to the last layer run
+    gc.collect()
+    assert not any(i in base._SCORED_WINDOWS for i in remembered)

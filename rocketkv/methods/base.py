@@ -6,6 +6,7 @@ tensors use the grouped layout ``[B, Hkv, g, d]`` so K/V are never repeated per 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,8 +208,9 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, u
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
     if G * kk * MASKED_ATTENTION_FRACTION >= upto:
-        selected = torch.zeros(b, hkv, G, upto + 1, dtype=torch.bool, device=idx.device)
-        selected.scatter_(-1, idx.clamp(min=-1) + 1, True)  # -1 pads land in column 0, dropped
+        # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost
+        selected = torch.full((b, hkv, G, upto + 1), float("-inf"), dtype=q.dtype, device=idx.device)
+        selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
         return F.scaled_dot_product_attention(q, layer.keys[:, :, :upto], layer.values[:, :, :upto],
                                               attn_mask=selected[..., 1:], scale=scaling)
     safe = idx.clamp(min=0)
@@ -244,9 +246,27 @@ def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
     return hit[..., 1:].sum(-1)
 
 
+_SCORED_WINDOWS: dict[int, dict] = {}  # id(q_window) -> its scores per (keys, prompt_len, window, scaling)
+
+
 def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,
                   scaling: float) -> torch.Tensor:
-    """SnapKV scores ``[B,Hkv,g,L-w]``: post-softmax attention of the last ``w`` prompt queries, summed over them."""
+    """SnapKV scores ``[B,Hkv,g,L-w]``: post-softmax attention of the last ``w`` prompt queries, summed over them.
+
+    Remembered for as long as ``q_window`` lives: a grid's cells all score the queries one shared prefill
+    captured (the same tensor), so the scores are computed once per layer and window, not once per cell.
+    Callers must not modify the result in place."""
+    memo = _SCORED_WINDOWS.get(id(q_window))
+    if memo is None:
+        memo = _SCORED_WINDOWS[id(q_window)] = {}
+        weakref.finalize(q_window, _SCORED_WINDOWS.pop, id(q_window), None)
+    key = (keys.data_ptr(), tuple(keys.shape), prompt_len, window, scaling)
+    if key not in memo:
+        memo[key] = _window_scores(q_window, keys, prompt_len, window, scaling)
+    return memo[key]
+
+
+def _window_scores(q_window, keys, prompt_len, window, scaling):
     q_win = q_window[..., -window:, :].float()
     k = keys[:, :, :prompt_len].float()
     logits = torch.einsum("bhgwd,bhsd->bhgws", q_win, k) * scaling
