@@ -180,6 +180,22 @@ def test_batched_grid_equals_separate_runs(compose_cfg, tmp_path, mode, row_kind
 
 
 @pytest.mark.parametrize("mode", ["batch_decode", "speculative"])
+def test_rows_at_a_near_tie_fall_back_to_the_exact_path(compose_cfg, tmp_path, mode):
+    """With every logit gap below the tie margin, every row leaves its batch, full KV's in the speculative grid
+    included: each cell is decoded alone, exactly as the exact grid decodes it."""
+    methods = "grid.methods=[full,quest,snapkv]"
+    cells = {}
+    for name, extra in (("exact", []), (mode, [f"grid.{mode}=true", "grid.tie_margin=1e9"])):
+        grid = run(compose_cfg(*TINY, f"output_dir={tmp_path / name}", "limit=2", methods, "grid.budgets=[128]",
+                               *extra))
+        cells[name] = [read_predictions(Path(cell["run"]["results_dir"])) for cell in grid]
+    assert {r["decoded_as"] for rows in cells[mode] for r in rows} == {"alone"}
+    keep = ("id", "prediction", "new_tokens", "stats", "budget_params")
+    strip = lambda rows: [{k: r[k] for k in keep} for r in rows]  # noqa: E731
+    assert [strip(rows) for rows in cells[mode]] == [strip(rows) for rows in cells["exact"]]
+
+
+@pytest.mark.parametrize("mode", ["batch_decode", "speculative"])
 def test_batch_decode_is_refused_where_each_cell_is_timed(compose_cfg, tmp_path, monkeypatch, mode):
     import rocketkv.runner as runner
 
