@@ -49,7 +49,8 @@ class Task(ABC):
     ignore_eos: bool = False
     # What the headline ``score`` measures, as the runner prints it.
     score_name: str = "score"
-    # The score is each cell's own decode time, so cells must not share a batch (``grid.batch_decode``).
+    # The score is each cell's own decode time, so cells must not share a batch (``grid.batch_decode``,
+    # ``grid.speculative``).
     times_each_cell: bool = False
 
     def __init__(self, cfg: Any):

@@ -59,13 +59,14 @@ class SparQ(Method):
         upto = first_slot + n
         rows = q.reshape(b, hkv, g * n, d)
         vis = causal_rows(layer, first_slot, n, g)
+        hidden = ~vis
         channels = rows.abs().topk(plan["channels"], dim=-1, sorted=False).indices
         q_on_channels = torch.zeros_like(rows, dtype=torch.float32).scatter_(-1, channels,
                                                                               rows.float().gather(-1, channels))
         logits = torch.einsum("bhrd,bhsd->bhrs", q_on_channels, layer.keys[:, :, :upto].float())
-        logits = (logits / sparq_temperature(rows, channels)[..., None]).masked_fill(~vis, float("-inf"))
+        logits = (logits / sparq_temperature(rows, channels)[..., None]).masked_fill(hidden, float("-inf"))
         approx = torch.softmax(logits, dim=-1)
-        idx = topk_slots(approx.masked_fill(~vis, float("-inf")), plan["topk"])  # no future slot, even at k > i
+        idx = topk_slots(approx.masked_fill(hidden, float("-inf")), plan["topk"])  # no future slot, even at k > i
         y_k = attend_indices(layer, rows, idx, upto, scaling).float()
         chosen = idx >= 0
         alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
