@@ -4,6 +4,12 @@ Keys are stored post-RoPE, once per KV head: ``keys``/``values`` are ``[B, Hkv, 
 (``[B, Hkv, S]``) keeps each stored token's original position, so eviction never renumbers tokens and
 ``get_seq_length()`` reports tokens seen, not tokens stored.  ``visible`` (``[B, Hkv, g, S]`` or None) marks
 which stored slots each query head of a group may attend to, for methods that select per query head.
+
+A layer forked from a grid's shared prefill (``share``) does not copy the prefill's slots: it reads them in place
+and keeps only the slots it appends (its tail).  ``keys``/``values``/``positions`` stay contiguous
+``[0, stored)`` tensors for the methods: the prefill's buffers have room after its slots, and the layer being
+read lays its tail there first (``SharedSlots``).  Forks read one at a time (a batch's rows attend in turn), so
+one room serves them all.
 """
 from __future__ import annotations
 
@@ -21,8 +27,28 @@ def active_layer() -> "CompressedLayer | None":
     return getattr(_active, "layer", None)
 
 
+class SharedSlots:
+    """A layer's stored slots lent to its forks: ``buffers`` (keys, values, positions) hold ``length`` slots and
+    room after them, where the fork read last has laid its tail (``holder``: that fork and its tail's version)."""
+
+    def __init__(self, buffers: tuple[torch.Tensor, ...], length: int):
+        self.buffers = buffers
+        self.length = length
+        self.holder: tuple[object, int] | None = None
+
+    @property
+    def room(self) -> int:
+        return self.buffers[0].shape[2] - self.length
+
+
 class CompressedLayer(DynamicLayer):
     def __init__(self, state: Any, layer_idx: int):
+        self._shared: SharedSlots | None = None  # set by ``share``: the slots before the tail are read in place
+        self._tail: tuple[torch.Tensor, ...] | None = None  # (keys, values, positions) appended since, with room
+        self._tail_len = 0
+        self._tail_version = 0
+        self._token = object()  # this layer, as a ``SharedSlots.holder`` (no reference cycle)
+        self._lent: SharedSlots | None = None  # this layer's own slots, as lent to its forks
         super().__init__()
         self.state = state  # per-generation state shared by all layers (plan, method, statistics)
         self.layer_idx = layer_idx
@@ -37,6 +63,69 @@ class CompressedLayer(DynamicLayer):
         self.captured_scaling: float | None = None
         self._buffers: tuple[torch.Tensor, ...] | None = None  # (keys, values, positions) with spare slots
 
+    # keys, values and positions: own tensors, or in a shared layer views of the lender's buffers (tail laid in)
+    keys = property(lambda self: self._slots(0), lambda self, v: self._set_own(0, v))
+    values = property(lambda self: self._slots(1), lambda self, v: self._set_own(1, v))
+    positions = property(lambda self: self._slots(2), lambda self, v: self._set_own(2, v))
+
+    def _slots(self, i: int):
+        if self._shared is None:
+            return self._own[i]
+        shared = self._shared
+        stamp = (self._token, self._tail_version)
+        if shared.holder != stamp:
+            end = shared.length + self._tail_len
+            with torch.inference_mode():  # the buffers come from a prefill under inference mode; reads may not
+                for buffer, tail in zip(shared.buffers, self._tail or ()):
+                    buffer[:, :, shared.length:end] = tail[:, :, :self._tail_len]
+            shared.holder = stamp
+            self._views = tuple(buffer[:, :, :end] for buffer in shared.buffers)
+        return self._views[i]
+
+    def _set_own(self, i: int, value) -> None:
+        self._detach()
+        if not hasattr(self, "_own"):
+            self._own = [None, None, None]
+        self._own[i] = value
+
+    def _detach(self) -> None:
+        """Stop sharing: copy the slots read in place into tensors of this layer's own."""
+        if self._shared is not None:
+            own = [t.clone() for t in (self._slots(0), self._slots(1), self._slots(2))]
+            self._shared = self._tail = None
+            self._own = own
+
+    def share(self, source: "CompressedLayer") -> None:
+        """Read ``source``'s stored slots in place (a fork of a shared prefill): no copy, only later slots are own.
+        ``source`` must not append afterwards without first reallocating (``_append`` sees it has lent them)."""
+        if source._lent is None or source._lent.length != source.stored:
+            source._lent = SharedSlots(source._buffers_with_room(), source.stored)
+            source._buffers = None  # a later append by the source itself must not write into the forks' room
+        self.lazy_initialization(source.keys, source.values)
+        self._shared, self._tail, self._tail_len = source._lent, None, 0
+        self._tail_version += 1
+        self.seen = source.seen
+
+    def _buffers_with_room(self) -> tuple[torch.Tensor, ...]:
+        """This layer's (keys, values, positions) buffers with spare slots after the stored ones."""
+        current = (self.keys, self.values, self.positions)
+        room = self._buffers
+        if room is None or not all(v.data_ptr() == r.data_ptr() and v.stride() == r.stride()
+                                   for v, r in zip(current, room)):
+            room = self._allocate(current, self.stored + self._spare())
+        return room
+
+    def _spare(self) -> int:
+        return max(getattr(self.state, "max_new_tokens", 0) or 0, 16)
+
+    @staticmethod
+    def _allocate(current, capacity: int) -> tuple[torch.Tensor, ...]:
+        stored = current[0].shape[2]
+        room = tuple(v.new_empty(*v.shape[:2], capacity, *v.shape[3:]) for v in current)
+        for r, v in zip(room, current):
+            r[:, :, :stored] = v
+        return room
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         b, h = key_states.shape[:2]
@@ -49,7 +138,11 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         b, h, n, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
-        self.keys, self.values, self.positions = self._append(n, key_states, value_states, new_pos)
+        if self._shared is not None and self._shared.length + self._tail_len + n <= self._shared.buffers[0].shape[2]:
+            self._append_tail(n, key_states, value_states, new_pos)
+        else:
+            self._detach()  # a shared layer whose tail outgrew the lender's room: own copies from here on
+            self.keys, self.values, self.positions = self._append(n, key_states, value_states, new_pos)
         if self.visible is not None:
             ones = torch.ones(*self.visible.shape[:3], n, dtype=torch.bool, device=self.visible.device)
             self.visible = torch.cat([self.visible, ones], dim=-1)
@@ -67,17 +160,30 @@ class CompressedLayer(DynamicLayer):
         fits = room is not None and all(v.data_ptr() == r.data_ptr() and v.stride() == r.stride()
                                         for v, r in zip(current, room)) and stored + n <= room[0].shape[2]
         if not fits:
-            capacity = stored + n + max(getattr(self.state, "max_new_tokens", 0) or 0, 16)
-            room = tuple(v.new_empty(*v.shape[:2], capacity, *v.shape[3:]) for v in current)
-            for r, v in zip(room, current):
-                r[:, :, :stored] = v
+            # a grid's shared prefill keeps room for a fork's tail: the slots a decode keeps plus a verified draft
+            spare = self._spare() * (2 if getattr(self.state, "capture_window", 0) else 1)
+            room = self._allocate(current, stored + n + spare)
             self._buffers = room
         for r, x in zip(room, new):
             r[:, :, stored:stored + n] = x
         return [r[:, :, :stored + n] for r in room]
 
+    def _append_tail(self, n: int, *new: torch.Tensor) -> None:
+        tail, used = self._tail, self._tail_len
+        if tail is None or used + n > tail[0].shape[2]:
+            grown = tuple(x.new_empty(*x.shape[:2], used + n + self._spare(), *x.shape[3:]) for x in new)
+            for g, t in zip(grown, tail or ()):
+                g[:, :, :used] = t[:, :, :used]
+            tail = self._tail = grown
+        for t, x in zip(tail, new):
+            t[:, :, used:used + n] = x
+        self._tail_len += n
+        self._tail_version += 1
+
     @property
     def stored(self) -> int:
+        if self._shared is not None:
+            return self._shared.length + self._tail_len
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
@@ -89,9 +195,10 @@ class CompressedLayer(DynamicLayer):
     def keep(self, slots: torch.Tensor, visible: torch.Tensor | None = None) -> None:
         """Keep only ``slots`` (``[B, Hkv, m]``, ascending) of every head; the rest is freed, not masked."""
         idx = slots.unsqueeze(-1).expand(*slots.shape, self.keys.shape[-1])
-        self.keys = torch.gather(self.keys, 2, idx).contiguous()
-        self.values = torch.gather(self.values, 2, idx).contiguous()
-        self.positions = torch.gather(self.positions, 2, slots).contiguous()
+        kept = (torch.gather(self.keys, 2, idx).contiguous(), torch.gather(self.values, 2, idx).contiguous(),
+                torch.gather(self.positions, 2, slots).contiguous())
+        self._shared = self._tail = None  # the gathered slots are this layer's own
+        self.keys, self.values, self.positions = kept
         self.visible = visible
         self.meta = {}
         self.n_indexed = 0
@@ -102,13 +209,18 @@ class CompressedLayer(DynamicLayer):
         if n <= 0:
             return
         keep = self.stored - n
-        self.keys, self.values, self.positions = (t[:, :, :keep] for t in (self.keys, self.values, self.positions))
+        if self._shared is not None:
+            self._tail_len -= n
+            self._tail_version += 1
+        else:
+            self.keys, self.values, self.positions = (t[:, :, :keep] for t in (self.keys, self.values, self.positions))
         if self.visible is not None:
             self.visible = self.visible[..., :keep]
         self.seen -= n
         self.n_indexed = min(self.n_indexed, keep)
 
     def kv_bytes(self) -> int:
+        """Bytes of the stored K/V slots, shared ones included (what a run of this layer's method stores)."""
         if self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()

@@ -257,7 +257,8 @@ class CompressionSession:
         """This session's compressed cache built from a shared dense prefill of ``prompt[:-1]``.
 
         ``shared`` comes from ``new_cache(prompt_len=..., capture_window=...)`` of a ``full`` session after the
-        prefill forward.  Its tensors are only read: eviction gathers into new tensors.
+        prefill forward.  Its slots are read in place, not copied (``CompressedLayer.share``); eviction gathers
+        into new tensors.
         """
         source: GenerationState = shared.layers[0].state
         cache = DynamicCache()
@@ -273,9 +274,7 @@ class CompressionSession:
             if src.captured_q is None or src.captured_q.shape[-2] < min(self.method.window, src.stored):
                 raise ValueError("the shared prefill kept fewer queries than this method's window; "
                                  "create it with capture_window >= the largest window")
-            layer.lazy_initialization(src.keys, src.values)
-            layer.keys, layer.values, layer.positions = src.keys, src.values, src.positions
-            layer.seen = src.seen
+            layer.share(src)
             _compress_layer(layer, state.method_for(layer.layer_idx), src.captured_q, src.stored, state.plan,
                             src.captured_scaling)
         return cache

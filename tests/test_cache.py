@@ -216,3 +216,93 @@ def test_beam_search_and_cropping_refused():
     with compress(model, "full", None, max_new_tokens=4):
         with pytest.raises(NotImplementedError):
             model.generate(prompt(length=20), max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+# ------------------------------------------------------------------ forks read a shared prefill in place
+def _source_layer(slots=40, max_new=4, seed=0):
+    from rocketkv.cache import CompressedLayer
+    from rocketkv.session import GenerationState
+    from rocketkv.methods.full import FullKV
+
+    gen = torch.Generator().manual_seed(seed)
+    state = GenerationState(FullKV(), max_new, None, capture_window=32)
+    layer = CompressedLayer(state, 0)
+    with torch.inference_mode():  # as a prefill forward stores it
+        layer.update(torch.randn(1, 2, slots, 8, generator=gen), torch.randn(1, 2, slots, 8, generator=gen))
+    return layer, state
+
+
+def _fork(source, state):
+    from rocketkv.cache import CompressedLayer
+
+    fork = CompressedLayer(state, 0)
+    fork.share(source)
+    return fork
+
+
+def _kv(seed, n=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+
+
+def test_forks_read_the_shared_prefill_in_place_and_keep_their_own_tails():
+    source, state = _source_layer()
+    prefix_k, prefix_v = source.keys.clone(), source.values.clone()
+    a, b = _fork(source, state), _fork(source, state)
+    fed_a, fed_b = _kv(1, 3), _kv(2, 5)
+    a.update(*fed_a)
+    b.update(*fed_b)
+    for _ in range(2):  # read in turn, as a batch's rows attend: each sees the prefill then its own tokens
+        for layer, (k, v) in ((a, fed_a), (b, fed_b)):
+            assert layer.keys.data_ptr() == source.keys.data_ptr()  # no copy of the prefill
+            assert torch.equal(layer.keys, torch.cat([prefix_k, k], dim=2))
+            assert torch.equal(layer.values, torch.cat([prefix_v, v], dim=2))
+            assert layer.positions[0, 0].tolist() == list(range(40 + k.shape[2]))
+            assert layer.stored == layer.seen == 40 + k.shape[2]
+            assert layer.kv_bytes() == 2 * layer.keys.numel() * 4
+    b.drop_newest(2)  # a rejected draft
+    assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3]], dim=2)) and b.seen == 43
+    more = _kv(3)
+    b.update(*more)
+    assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3], more[0]], dim=2))
+    assert torch.equal(a.keys, torch.cat([prefix_k, fed_a[0]], dim=2))
+    assert torch.equal(source.keys, prefix_k)  # the source's own view never shows a fork's tail
+
+
+def test_a_fork_whose_tail_outgrows_the_room_copies_and_goes_on():
+    source, state = _source_layer()
+    fork = _fork(source, state)
+    room = fork._shared.room
+    fed = _kv(4, room + 3)  # more than the room after the prefill
+    fork.update(fed[0][:, :, :room], fed[1][:, :, :room])
+    assert fork._shared is not None
+    fork.update(fed[0][:, :, room:], fed[1][:, :, room:])
+    assert fork._shared is None and fork.keys.data_ptr() != source.keys.data_ptr()
+    assert torch.equal(fork.keys, torch.cat([source.keys, fed[0]], dim=2))
+    other = _fork(source, state)  # the room the first fork used is still there for the others
+    other.update(*_kv(5))
+    assert torch.equal(fork.keys, torch.cat([source.keys, fed[0]], dim=2))
+
+
+def test_a_source_appending_after_lending_does_not_touch_its_forks():
+    source, state = _source_layer()
+    prefix = source.keys.clone()
+    fork = _fork(source, state)
+    fed = _kv(6, 2)
+    fork.update(*fed)
+    with torch.inference_mode():
+        source.update(*_kv(7, 2))
+    assert torch.equal(fork.keys, torch.cat([prefix, fed[0]], dim=2))
+    assert torch.equal(source.keys[:, :, :40], prefix) and source.stored == 42
+
+
+def test_eviction_of_a_fork_gathers_its_own_slots():
+    source, state = _source_layer()
+    prefix = source.keys.clone()
+    fork = _fork(source, state)
+    fork.keep(torch.tensor([[[0, 5, 39], [1, 2, 3]]]))
+    assert fork._shared is None and fork.stored == 3
+    assert torch.equal(fork.keys[0, 0], prefix[0, 0, [0, 5, 39]])
+    fork.update(*_kv(8))
+    assert fork.positions[0, 0].tolist() == [0, 5, 39, 40]
+    assert torch.equal(source.keys, prefix) and source.stored == 40

@@ -146,7 +146,7 @@ def test_shared_prefill_keeps_only_the_window_queries():
     q = layer.captured_q
     assert q.shape[-2] == 32 and q.untyped_storage().nbytes() == q.numel() * q.element_size()
     kv = sum(l.kv_bytes() for l in shared.layers)
-    assert kv < held_bytes(shared) < kv * 1.5
+    assert kv < held_bytes(shared) < kv * 2  # beside K/V: positions, room for forks' tails, the window queries
 
 
 def test_gpu_check_script_parses_and_fails_fast_without_cuda(tmp_path):
