@@ -19,6 +19,8 @@ METHODS: dict[str, type["Method"]] = {}
 
 MIN_BUDGET = 16
 MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once G·k >= slots / this
+UNION_FRACTION = 2  # ... and on CPU attends only the union of the selections when it is at most slots / this,
+UNION_MIN_SLOTS = 4096  # over at least this many slots (below, finding the union costs about what it saves)
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -185,6 +187,30 @@ def causal_rows(layer: CompressedLayer, first_slot: int, n: int, g: int) -> torc
     return vis.reshape(b, hkv, g * n, upto)
 
 
+def hide_later_slots_(scores: torch.Tensor, first_slot: int, n: int, g: int,
+                      visible: torch.Tensor | None = None) -> torch.Tensor:
+    """In place on ``[B,Hkv,g·n,S]`` scores of folded rows (``causal_rows``' layout): -inf where token i would see a
+    slot after ``first_slot + i`` (only the last ``n - 1`` columns can be), or a slot ``visible`` (``[B,Hkv,g,S]``)
+    hides from its head."""
+    b, hkv = scores.shape[:2]
+    if n > 1:
+        later = torch.ones(n, n - 1, dtype=torch.bool, device=scores.device).triu()  # [token, slot - first_slot - 1]
+        scores[..., first_slot + 1:first_slot + n].view(b, hkv, g, n, n - 1).masked_fill_(later, float("-inf"))
+    if visible is not None:
+        hidden = ~visible[..., None, :scores.shape[-1]].expand(b, hkv, g, n, scores.shape[-1])
+        scores.view(b, hkv, g, n, -1).masked_fill_(hidden, float("-inf"))
+    return scores
+
+
+def prefix_means(values: torch.Tensor, first_slot: int, n: int) -> torch.Tensor:
+    """``[B,Hkv,n,d]`` float32: the mean of ``values`` over slots ``[0, first_slot + i]`` for token i, from one sum of
+    the slots every token sees and a running sum of the rest."""
+    seen_by_all = values[:, :, :first_slot + 1].float().sum(dim=2, keepdim=True)
+    running = values[:, :, first_slot + 1:first_slot + n].float().cumsum(dim=2) + seen_by_all
+    counts = torch.arange(first_slot + 1, first_slot + n + 1, device=values.device, dtype=torch.float32)
+    return torch.cat([seen_by_all, running], dim=2) / counts[:, None]
+
+
 def per_token_mean(counts: torch.Tensor, g: int, n: int) -> torch.Tensor:
     """``mean_count`` per token of folded rows: ``counts`` ``[B,Hkv,g·n]`` -> ``[n]`` float64."""
     return counts.reshape(*counts.shape[:2], g, n).float().mean(dim=(0, 1, 2)).double()
@@ -208,11 +234,13 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, u
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
     if G * kk * MASKED_ATTENTION_FRACTION >= upto:
+        keys, values = layer.keys[:, :, :upto], layer.values[:, :, :upto]
+        if upto >= UNION_MIN_SLOTS and host_reads_are_cheap(q.device):  # the union's size is read on the host
+            keys, values, idx, upto = _union_of_selections(keys, values, idx, upto)
         # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost
         selected = torch.full((b, hkv, G, upto + 1), float("-inf"), dtype=q.dtype, device=idx.device)
         selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
-        return F.scaled_dot_product_attention(q, layer.keys[:, :, :upto], layer.values[:, :, :upto],
-                                              attn_mask=selected[..., 1:], scale=scaling)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=selected[..., 1:], scale=scaling)
     safe = idx.clamp(min=0)
     flat = safe.reshape(b, hkv, G * kk, 1).expand(b, hkv, G * kk, d)
     k_sel = torch.gather(layer.keys[:, :, :upto], 2, flat).view(b, hkv, G, kk, d)
@@ -222,6 +250,31 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, u
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float().expand(b, hkv, g, kk, d))
     return out.to(q.dtype)
+
+
+def host_reads_are_cheap(device: torch.device) -> bool:
+    """Whether a decode step may read a tensor back to the host: free on CPU, a stall of the stream on a GPU."""
+    return device.type == "cpu"
+
+
+def _union_of_selections(keys, values, idx, upto):
+    """The slots any row of ``idx`` selects, gathered once per KV head: (keys, values, ``idx`` renumbered into
+    them, their count).  Rows of a verified draft (consecutive tokens, heads of a group) mostly select the same
+    slots, so attending the union is much cheaper than attending every slot under a mask.  When the union covers
+    most slots, the inputs are returned as they are."""
+    b, hkv = idx.shape[:2]
+    flat = idx.reshape(b, hkv, -1).clamp(min=-1) + 1  # -1 pads land in column 0, dropped
+    selected = torch.zeros(b, hkv, upto + 1, dtype=torch.bool, device=idx.device).scatter_(-1, flat, True)[..., 1:]
+    counts = selected.sum(-1)
+    n_union = int(counts.max())
+    if n_union * UNION_FRACTION > upto:
+        return keys, values, idx, upto
+    rank = selected.cumsum(-1) - 1  # position of each selected slot in the union, in slot order
+    order = torch.zeros(b, hkv, n_union + 1, dtype=torch.long, device=idx.device)
+    order.scatter_(-1, rank.masked_fill(~selected, n_union), torch.arange(upto, device=idx.device).expand(b, hkv, upto))
+    order = order[..., :n_union, None].expand(b, hkv, n_union, keys.shape[-1])  # a KV head with fewer: slot 0, unused
+    renumbered = rank.gather(-1, (flat - 1).clamp(min=0)).masked_fill(flat == 0, -1).view(idx.shape)
+    return keys.gather(2, order), values.gather(2, order), renumbered, n_union
 
 
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, causal_rows, covers_sequence, mean_count,
-                                   per_token_mean, per_token_union, register, seq_len_for_plan, token_uptos,
-                                   topk_slots, union_count, visible_mask)
+from rocketkv.methods.base import (Method, StepCost, attend_indices, causal_rows, covers_sequence, hide_later_slots_,
+                                   mean_count, per_token_mean, per_token_union, prefix_means, register,
+                                   seq_len_for_plan, token_uptos, topk_slots, union_count, visible_mask)
 
 
 def sparq_temperature(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -31,12 +31,12 @@ class SparQ(Method):
         keys = layer.keys[:, :, :upto].float()
         channels = q.abs().topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,g,r], per head
         q_on_channels = torch.zeros_like(q, dtype=torch.float32).scatter_(-1, channels, q.float().gather(-1, channels))
-        logits = torch.einsum("bhgd,bhsd->bhgs", q_on_channels, keys) / sparq_temperature(q, channels)[..., None]
+        logits = torch.einsum("bhgd,bhsd->bhgs", q_on_channels, keys).div_(sparq_temperature(q, channels)[..., None])
         vis = visible_mask(layer, upto)
         if vis is not None:
-            logits = logits.masked_fill(~vis, float("-inf"))
+            logits.masked_fill_(~vis, float("-inf"))
         approx = torch.softmax(logits, dim=-1)
-        idx = topk_slots(approx, plan["topk"])  # [B,Hkv,g,k]
+        idx = topk_slots(logits, plan["topk"])  # [B,Hkv,g,k]: softmax keeps the order, and -inf marks hidden slots
         y_k = attend_indices(layer, q, idx, upto, scaling).float()
         chosen = idx >= 0
         alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
@@ -58,21 +58,26 @@ class SparQ(Method):
         b, hkv, g, n, d = q.shape
         upto = first_slot + n
         rows = q.reshape(b, hkv, g * n, d)
-        vis = causal_rows(layer, first_slot, n, g)
-        hidden = ~vis
+        vis = visible_mask(layer, upto)
         channels = rows.abs().topk(plan["channels"], dim=-1, sorted=False).indices
         q_on_channels = torch.zeros_like(rows, dtype=torch.float32).scatter_(-1, channels,
                                                                               rows.float().gather(-1, channels))
         logits = torch.einsum("bhrd,bhsd->bhrs", q_on_channels, layer.keys[:, :, :upto].float())
-        logits = (logits / sparq_temperature(rows, channels)[..., None]).masked_fill(hidden, float("-inf"))
+        hide_later_slots_(logits.div_(sparq_temperature(rows, channels)[..., None]), first_slot, n, g, vis)
         approx = torch.softmax(logits, dim=-1)
-        idx = topk_slots(approx.masked_fill(hidden, float("-inf")), plan["topk"])  # no future slot, even at k > i
+        idx = topk_slots(logits, plan["topk"])  # the hidden slots are -inf: never chosen, even at k > i
         y_k = attend_indices(layer, rows, idx, upto, scaling).float()
         chosen = idx >= 0
         alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
-        n_visible = vis.sum(-1, keepdim=True)
+        values = layer.values[:, :, :upto]
+        if vis is None:
+            n_visible = token_uptos(first_slot, n, q.device).float().repeat(g)[:, None]  # [g·n,1], head-major rows
+            mean_v = prefix_means(values, first_slot, n)[:, :, None].expand(b, hkv, g, n, d).reshape(b, hkv, g * n, d)
+        else:
+            seen = causal_rows(layer, first_slot, n, g)
+            n_visible = seen.sum(-1, keepdim=True)
+            mean_v = torch.einsum("bhrs,bhsd->bhrd", seen.float(), values.float()) / n_visible
         alpha = alpha.masked_fill(chosen.sum(-1, keepdim=True) >= n_visible, 1.0)
-        mean_v = torch.einsum("bhrs,bhsd->bhrd", vis.float(), layer.values[:, :, :upto].float()) / n_visible
         out = (alpha * y_k + (1 - alpha) * mean_v).to(q.dtype)
         union_channels = per_token_union(channels, g, n, d) / b
         union_tokens = per_token_union(idx, g, n, upto) / b

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocketkv.methods.base import (Method, StepCost, attend_indices, causal_rows, covers_sequence, mean_count,
+from rocketkv.methods.base import (Method, StepCost, attend_indices, covers_sequence, hide_later_slots_, mean_count,
                                    per_token_mean, per_token_union, register, token_uptos, topk_slots, union_count,
                                    visible_mask)
 
@@ -21,7 +21,7 @@ class ExactTopK(Method):
         scores = torch.einsum("bhgd,bhsd->bhgs", q.float(), keys.float())
         vis = visible_mask(layer, upto)
         if vis is not None:
-            scores = scores.masked_fill(~vis, float("-inf"))
+            scores.masked_fill_(~vis, float("-inf"))
         idx = topk_slots(scores, plan["topk"])  # [B,Hkv,g,k]: one set per query head
         out = attend_indices(layer, q, idx, upto, scaling)
         d, hkv = keys.shape[-1], keys.shape[1]
@@ -33,7 +33,7 @@ class ExactTopK(Method):
         upto = first_slot + n
         rows = q.reshape(b, hkv, g * n, d)
         scores = torch.einsum("bhrd,bhsd->bhrs", rows.float(), layer.keys[:, :, :upto].float())
-        idx = topk_slots(scores.masked_fill(~causal_rows(layer, first_slot, n, g), float("-inf")), plan["topk"])
+        idx = topk_slots(hide_later_slots_(scores, first_slot, n, g, visible_mask(layer, upto)), plan["topk"])
         out = attend_indices(layer, rows, idx, upto, scaling)
         values_read = per_token_union(idx, g, n, upto) / b
         keys_read = token_uptos(first_slot, n, q.device) * (d * hkv)
