@@ -209,6 +209,8 @@ class CompressedLayer(DynamicLayer):
         if n <= 0:
             return
         keep = self.stored - n
+        if self._shared is not None and n > self._tail_len:
+            self._detach()  # dropping shared slots too: only an own copy can shrink past the tail
         if self._shared is not None:
             self._tail_len -= n
             self._tail_version += 1

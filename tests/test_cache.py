@@ -267,6 +267,10 @@ def test_forks_read_the_shared_prefill_in_place_and_keep_their_own_tails():
     assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3], more[0]], dim=2))
     assert torch.equal(a.keys, torch.cat([prefix_k, fed_a[0]], dim=2))
     assert torch.equal(source.keys, prefix_k)  # the source's own view never shows a fork's tail
+    a.drop_newest(5)  # past its tail, into the shared slots: it takes its own copy first
+    assert a._shared is None and torch.equal(a.keys, prefix_k[:, :, :38]) and a.seen == 38
+    assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3], more[0]], dim=2))
+    assert torch.equal(source.keys, prefix_k)
 
 
 def test_a_fork_whose_tail_outgrows_the_room_copies_and_goes_on():

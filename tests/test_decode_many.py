@@ -88,3 +88,24 @@ def test_decode_many_pages_start_mid_page(name, budget, options):
         out, _ = method.decode_many(layer, q, first, plan, d ** -0.5)
         ref_out, _ = Method.decode_many(method, ref_layer, q, first, plan, d ** -0.5)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,budget", [("topk", 24), ("sparq", 40)])
+def test_decode_many_respects_per_head_visibility(name, budget):
+    """Slots a head may not see (``layer.visible``, as after a per-head eviction) stay hidden from every token."""
+    shape, prompt, n = (1, 2, 3, 16), 61, 5
+    b, hkv, g, d = shape
+    gen = torch.Generator().manual_seed(17)
+    new_k, new_v = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
+    q = torch.randn(b, hkv, g, n, d, generator=gen)
+    hidden_prompt = torch.rand(b, hkv, g, prompt, generator=gen) < 0.5
+    layers = []
+    for _ in range(2):
+        method, layer, plan = build(name, budget, {}, shape, prompt, new_k, new_v, seed=3)
+        layer.visible = torch.cat([~hidden_prompt, torch.ones(b, hkv, g, n, dtype=torch.bool)], dim=-1)
+        layers.append(layer)
+    first = layers[0].stored - n
+    out, cost = method.decode_many(layers[0], q, first, plan, d ** -0.5)
+    ref_out, ref_cost = Method.decode_many(method, layers[1], q, first, plan, d ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(cost.attended), ref_cost.attended)
