@@ -248,8 +248,9 @@ class RowStackLayer(DynamicLayer):
     row by row through each row's method.  Rows that advance together share positions (``get_seq_length`` reads
     the first row's); a caller whose rows stand at different positions passes ``position_ids`` per row.
 
-    ``widths`` (default: all) says how many of each row's fed tokens are real: a shorter row is padded to the
-    batch's width, and its padding tokens, stored and dropped afterwards by the caller, get no attention.
+    With ``widths`` the rows are packed instead: the batch is one sequence holding ``widths[0]`` tokens of the first
+    row, then ``widths[1]`` of the second, and so on, each at its own positions (``position_ids``).  Rows fed
+    different numbers of tokens then cost no padding in the projections.
     """
 
     def __init__(self, rows: list[CompressedLayer], widths: list[int] | None = None):
@@ -259,10 +260,18 @@ class RowStackLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if key_states.shape[0] != len(self.rows):
+        if self.widths is not None:
+            if key_states.shape[0] != 1 or key_states.shape[2] != sum(self.widths):
+                raise ValueError(f"packed rows of {self.widths} tokens need one sequence of {sum(self.widths)}, "
+                                 f"got {tuple(key_states.shape[:3:2])} (batch, tokens)")
+            for row, k, v in zip(self.rows, key_states.split(self.widths, dim=2),
+                                 value_states.split(self.widths, dim=2)):
+                row.update(k, v)
+        elif key_states.shape[0] != len(self.rows):
             raise ValueError(f"a batch of {key_states.shape[0]} rows was fed to a cache of {len(self.rows)} rows")
-        for i, row in enumerate(self.rows):
-            row.update(key_states[i:i + 1], value_states[i:i + 1])
+        else:
+            for i, row in enumerate(self.rows):
+                row.update(key_states[i:i + 1], value_states[i:i + 1])
         self.keys, self.values = key_states, value_states  # the attention call recognises its layer by these
         _active.layer = self
         return key_states, value_states

@@ -11,9 +11,8 @@ greedy tokens.  A cell's rejected tokens are dropped from its cache and from its
 Drafts (``draft``): the continuation of any decode already known to start with the cell's tokens (full KV's,
 another cell's), else the tokens that followed the latest earlier occurrence of the cell's last 2-3 tokens in
 the prompt or its own output (prompt lookup).  A forward costs about one weight read up to ~16 token rows, so a
-narrow batch (full KV alone, the last unfinished cells) takes longer lookups than a wide one.  Rows are padded
-to the batch's width; padding tokens get no attention (``RowStackLayer.widths``), so a row fed one token costs
-one decode step.
+narrow batch (full KV alone, the last unfinished cells) takes longer lookups than a wide one.  The rows are packed
+into one sequence (``RowStackLayer.widths``), so a row fed one token costs one decode step and no padding.
 
 As with batched rows, batched products round differently from a cell decoded alone: a cell whose two best
 logits come closer than ``tie_margin`` at a kept position leaves (``None``) for the exact per-cell path.
@@ -102,26 +101,26 @@ def verify_rows(model, tokenizer, caches: list[DynamicCache], prompt_ids: list[i
         for i in active:
             room = max_new_tokens - len(streams[i].tokens) - 1  # choices a forward can still use, less the first
             feeds.append([pending[i]] + draft(streams[i].tokens, sources, lookup, room, lookup_len))
-        width = max(len(f) for f in feeds)
-        ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in feeds], device=model.device)
-        seen = torch.tensor([caches[i].layers[0].seen for i in active], device=model.device)
+        widths = [len(f) for f in feeds]
+        ids = torch.tensor([[token for f in feeds for token in f]], device=model.device)
+        positions = [caches[i].layers[0].seen + j for i, f in zip(active, feeds) for j in range(len(f))]
         with Timer(model.device) as t:
-            logits = model(input_ids=ids, position_ids=seen[:, None] + torch.arange(width, device=model.device),
-                           **{cache_kwarg(model): stack_rows([caches[i] for i in active], [len(f) for f in feeds])},
-                           use_cache=True).logits
+            logits = model(input_ids=ids, position_ids=torch.tensor([positions], device=model.device),
+                           **{cache_kwarg(model): stack_rows([caches[i] for i in active], widths)},
+                           use_cache=True).logits[0]
             top = logits.float().topk(2, dim=-1)
-            margins = (top.values[..., 0] - top.values[..., 1]).tolist()
-            chosen = top.indices[..., 0].tolist()
+            margins = (top.values[:, 0] - top.values[:, 1]).split(widths)
+            chosen = top.indices[:, 0].split(widths)
         still = []
         for row, i in enumerate(active):
             seconds[i] += t.seconds / len(active)
-            kept, going = _accept(streams[i], feeds[row], chosen[row], margins[row], tie_margin)
+            kept, going = _accept(streams[i], feeds[row], chosen[row].tolist(), margins[row].tolist(), tie_margin)
             if kept is None:
                 streams[i] = None
                 continue
             states[i].keep_costs(kept)
             for layer in caches[i].layers:
-                layer.drop_newest(width - kept)
+                layer.drop_newest(widths[row] - kept)
             if going:
                 pending[i] = streams[i].tokens[-1]
                 still.append(i)

@@ -17,8 +17,8 @@ from rocketkv.session import cache_kwarg
 
 
 def stack_rows(caches: list[DynamicCache], widths: list[int] | None = None) -> DynamicCache:
-    """One cache whose batch rows are ``caches`` (compressed); their layers are shared.  ``widths``: each row's
-    real fed tokens, where rows are padded to one width (``RowStackLayer``)."""
+    """One cache whose batch rows are ``caches`` (compressed); their layers are shared.  With ``widths`` the rows
+    are packed into one sequence, ``widths[i]`` tokens for row i (``RowStackLayer``)."""
     stacked = DynamicCache()
     stacked.layers = [RowStackLayer([c.layers[i] for c in caches], widths) for i in range(len(caches[0].layers))]
     stacked.layer_class_to_replicate = None

@@ -137,9 +137,11 @@ def rocketkv_attention(module, query, key, value, attention_mask, scaling=None, 
     layer = active_layer()
     if layer is None or layer.keys is not key:
         out = _dense_fallback(query, key, value, scaling)
+    elif isinstance(layer, RowStackLayer) and layer.widths is not None:  # packed rows: one sequence
+        out = torch.cat([_attend(row, segment, scaling)
+                         for row, segment in zip(layer.rows, query.split(layer.widths, dim=2))], dim=2)
     elif isinstance(layer, RowStackLayer):
-        out = torch.cat([_attend(row, query[i:i + 1], scaling, layer.widths and layer.widths[i])
-                         for i, row in enumerate(layer.rows)])
+        out = torch.cat([_attend(row, query[i:i + 1], scaling) for i, row in enumerate(layer.rows)])
     else:
         out = _attend(layer, query, scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -157,19 +159,14 @@ AttentionInterface.register(ATTN_NAME, rocketkv_attention)
 AttentionMaskInterface.register(ATTN_NAME, rocketkv_mask)
 
 
-def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float, width: int | None = None) -> torch.Tensor:
-    """Attention of ``query`` over ``layer``.  ``width``: only the first ``width`` fed tokens are real (a batch row
-    padded to the batch's width); the padding after them gets zeros."""
+def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     state: GenerationState = layer.state
     b, hq, n, d = query.shape
     hkv = layer.keys.shape[1]
-    q = query.view(b, hkv, hq // hkv, n, d)
+    q = query.reshape(b, hkv, hq // hkv, n, d)
     if not layer.compressed:
         return _prefill(layer, state, query, q, scaling)
-    width = width or n
-    out = _decode_tokens(layer, state, state.method_for(layer.layer_idx), q[..., :width, :], layer.stored - n,
-                         scaling)
-    return out if width == n else torch.cat([out, out.new_zeros(b, hq, n - width, d)], dim=2)
+    return _decode_tokens(layer, state, state.method_for(layer.layer_idx), q, layer.stored - n, scaling)
 
 
 def _prefill(layer, state, query, q, scaling):

@@ -91,7 +91,8 @@ def test_verified_rows_decode_as_each_cell_alone(drafts):
     assert any(row is not None and row.tokens != full_tokens for row in streams)  # drafts were rejected
     agree = sum(row is not None and row.tokens == full_tokens for row in streams)
     if drafts == "full":
-        assert agree and forwards[0] == (len(cells), MAX_NEW) and forwards[1][0] <= len(cells) - agree
+        # the first forward packs every row's MAX_NEW tokens; the rows that agreed with full KV are gone after it
+        assert agree and forwards[0] == (1, len(cells) * MAX_NEW) and forwards[1][1] <= (len(cells) - agree) * MAX_NEW
 
 
 def test_a_cell_alone_verifies_its_own_prompt_lookups():
@@ -118,31 +119,36 @@ def test_a_cell_alone_verifies_its_own_prompt_lookups():
     assert forwards[0][1] > 4 and len(forwards) <= MAX_NEW  # the prompt's repeat drafted a long first feed
 
 
-def test_padding_of_a_narrow_row_gets_no_attention():
-    """Rows padded to the batch's width: a row's real tokens attend as if fed alone, its padding gets zeros and
-    records no cost."""
+def test_packed_rows_attend_as_if_each_were_fed_alone():
+    """Rows fed different numbers of tokens are packed into one sequence: each row's tokens attend as if that row
+    were fed alone, and each row holds the costs of its own tokens only."""
     model = peaky_model("llama")
     ids = prompt(seed=5)
     shared = shared_prefill(model, ids, capture_window=32)
-    cell = ("quest", 32, {})
-    (s_wide, s_narrow), caches = forks(model, shared, [cell, cell])
-    _, (cache_alone,) = forks(model, shared, [cell])
+    cells = [("quest", 32, {}), ("sparq", 32, {})]
+    (s_wide, s_narrow), caches = forks(model, shared, cells)
+    alone_sessions, alone_caches = forks(model, shared, cells)
     for s in (s_wide, s_narrow):
         s.state.hold_costs()
-    feed = ids[:, -1:].expand(2, 3).clone()
+    wide = ids[0, -3:].tolist()
     captured = []
     attention = model.model.layers[1].self_attn.o_proj
     hook = attention.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
     try:
         with compress(model, "full", None, max_new_tokens=MAX_NEW), torch.no_grad():
             seen = caches[0].layers[0].seen
-            model(input_ids=feed, position_ids=seen + torch.arange(3).expand(2, 3),
+            model(input_ids=torch.tensor([wide + wide[:1]]), position_ids=torch.tensor([[seen, seen + 1, seen + 2, seen]]),
                   past_key_values=stack_rows(caches, widths=[3, 1]), use_cache=True)
-            model(input_ids=feed[:1, :1], past_key_values=cache_alone, use_cache=True)
+            for feed, cache in ((wide, alone_caches[0]), (wide[:1], alone_caches[1])):
+                model(input_ids=torch.tensor([feed]), past_key_values=cache, use_cache=True)
     finally:
         hook.remove()
-    batch, single = captured
-    assert torch.allclose(batch[1, 0], single[0, 0], atol=1e-5)  # the narrow row's real token
-    assert not batch[1, 1:].any() and batch[0, 1:].abs().sum() > 0  # its padding attended to nothing
-    assert [len(a) for a, _ in s_narrow.state.held] == [1] * len(s_narrow.state.held)
+    packed, wide_alone, narrow_alone = captured
+    assert packed.shape[:2] == (1, 4)
+    assert torch.allclose(packed[0, :3], wide_alone[0], atol=1e-5)
+    assert torch.allclose(packed[0, 3], narrow_alone[0, 0], atol=1e-5)
     assert [len(a) for a, _ in s_wide.state.held] == [3] * len(s_wide.state.held)
+    assert [len(a) for a, _ in s_narrow.state.held] == [1] * len(s_narrow.state.held)
+    assert [layer.stored for layer in caches[0].layers] == [layer.stored for layer in alone_caches[0].layers]
+    with pytest.raises(ValueError, match="packed rows"):
+        stack_rows(caches, widths=[2, 1]).layers[0].update(torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16))
