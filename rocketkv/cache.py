@@ -221,6 +221,12 @@ class CompressedLayer(DynamicLayer):
         self.seen -= n
         self.n_indexed = min(self.n_indexed, keep)
 
+    def shared_bytes(self) -> int:
+        """Bytes of the lender's slots this layer reads in place (keys, values, positions): what a copy would hold."""
+        if self._shared is None:
+            return 0
+        return sum(b[:, :, :self._shared.length].numel() * b.element_size() for b in self._shared.buffers)
+
     def kv_bytes(self) -> int:
         """Bytes of the stored K/V slots, shared ones included (what a run of this layer's method stores)."""
         if self.keys is None:

@@ -156,12 +156,18 @@ class SharedPrefill:
             base.release()  # the cache is freed with this object, not at a later garbage collection
         return cls(cache, t.seconds, mem.read(), held_bytes(cache))
 
-    def memory(self, mem: PeakMemory, *decode_peaks: int | None) -> Memory:
+    def memory(self, mem: PeakMemory, *decode_peaks: int | None, read_in_place: int = 0) -> Memory:
         """A decode's memory record: the sample's peak over the prefill and the decode's phases, and the timed
-        decode loop's peak (the last phase) less the shared cache."""
+        decode loop's peak (the last phase) less the shared cache, plus the shared slots the decode read in place
+        (``read_in_place``): a separate run holds those itself."""
         last = decode_peaks[-1]
-        return Memory(_peak(mem, self.peak, *decode_peaks), None if last is None else max(0, last - self.held),
-                      mem.source)
+        decode_peak = None if last is None else max(0, last - self.held) + read_in_place
+        return Memory(_peak(mem, self.peak, *decode_peaks), decode_peak, mem.source)
+
+
+def read_in_place(cache) -> int:
+    """Bytes of shared-prefill slots a forked cache reads without holding a copy (``CompressedLayer.share``)."""
+    return sum(layer.shared_bytes() for layer in cache.layers)
 
 
 def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
@@ -218,9 +224,10 @@ def _as_rows(model, spec, sample, shared: SharedPrefill, mem, distinct: dict, de
                   model_max_len=spec.max_len):
         caches = [session.fork(shared.cache, sample.max_new_tokens) for session in sessions.values()]
         result = decode_rows_of(caches)
+    in_place = sum(read_in_place(cache) for cache in caches)
     stats = {key: session.release() for key, session in sessions.items()}
     del caches
-    return result, stats, shared.memory(mem, mem.read())
+    return result, stats, shared.memory(mem, mem.read(), read_in_place=in_place)
 
 
 def _decode_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, distinct: dict,
@@ -257,7 +264,8 @@ def _decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPref
         tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
                                         task.ignore_eos)
         decode_peak = mem.read()
+        in_place = read_in_place(cache)
     stats = session.release()
     del cache, logits
     return Decoded(tokens, text, shared.seconds + t_last.seconds, t_decode, stats,
-                   shared.memory(mem, fork_peak, decode_peak))
+                   shared.memory(mem, fork_peak, decode_peak, read_in_place=in_place))

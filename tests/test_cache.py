@@ -310,3 +310,24 @@ def test_eviction_of_a_fork_gathers_its_own_slots():
     fork.update(*_kv(8))
     assert fork.positions[0, 0].tolist() == [0, 5, 39, 40]
     assert torch.equal(source.keys, prefix) and source.stored == 40
+
+
+def test_a_forks_decode_peak_counts_the_shared_slots_it_reads_as_a_separate_run_holds_them():
+    """Memory records: a cell that reads the shared prefill in place is charged the bytes a separate run of it would
+    hold for those slots; a cell that evicted holds its own copy, already in its peak."""
+    from rocketkv.generation import PeakMemory
+    from rocketkv.sample_runs import SharedPrefill, read_in_place
+
+    source, state = _source_layer(slots=40)
+    reading, evicting = _fork(source, state), _fork(source, state)
+    evicting.keep(torch.tensor([[[0, 5, 39], [1, 2, 3]]]))
+    per_layer = 40 * 2 * (8 * 4 + 8 * 4 + 8)  # 40 slots × 2 KV heads × (keys + values + a long position)
+    assert reading.shared_bytes() == per_layer and evicting.shared_bytes() == 0
+
+    class Cache:
+        layers = [reading, reading]
+
+    assert read_in_place(Cache()) == 2 * per_layer
+    shared = SharedPrefill(cache=None, seconds=0.0, peak=None, held=500)
+    memory = shared.memory(PeakMemory(torch.device("cpu")), 1200, 2000, read_in_place=300)
+    assert memory.decode_peak == 2000 - 500 + 300
