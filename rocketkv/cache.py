@@ -49,6 +49,7 @@ class CompressedLayer(DynamicLayer):
         self._tail_version = 0
         self._token = object()  # this layer, as a ``SharedSlots.holder`` (no reference cycle)
         self._lent: SharedSlots | None = None  # this layer's own slots, as lent to its forks
+        self._own: list[torch.Tensor | None] = [None, None, None]  # keys, values, positions when not shared
         super().__init__()
         self.state = state  # per-generation state shared by all layers (plan, method, statistics)
         self.layer_idx = layer_idx
@@ -84,8 +85,6 @@ class CompressedLayer(DynamicLayer):
 
     def _set_own(self, i: int, value) -> None:
         self._detach()
-        if not hasattr(self, "_own"):
-            self._own = [None, None, None]
         self._own[i] = value
 
     def _detach(self) -> None:
@@ -109,14 +108,22 @@ class CompressedLayer(DynamicLayer):
     def _buffers_with_room(self) -> tuple[torch.Tensor, ...]:
         """This layer's (keys, values, positions) buffers with spare slots after the stored ones."""
         current = (self.keys, self.values, self.positions)
+        return self._backing(current) or self._allocate(current, self.stored + self._spare())
+
+    def _backing(self, current) -> tuple[torch.Tensor, ...] | None:
+        """The buffers ``current`` (keys, values, positions) are views of, or None after a slot axis was replaced
+        (eviction, a fork) or the buffers were lent."""
         room = self._buffers
-        if room is None or not all(v.data_ptr() == r.data_ptr() and v.stride() == r.stride()
-                                   for v, r in zip(current, room)):
-            room = self._allocate(current, self.stored + self._spare())
-        return room
+        if room is not None and all(v.data_ptr() == r.data_ptr() and v.stride() == r.stride()
+                                    for v, r in zip(current, room)):
+            return room
+        return None
 
     def _spare(self) -> int:
-        return max(getattr(self.state, "max_new_tokens", 0) or 0, 16)
+        """Slots of room a buffer keeps after the stored ones: the decode steps ahead; a grid's shared prefill keeps
+        room for a fork's tail, the slots a decode keeps plus a verified draft."""
+        spare = max(getattr(self.state, "max_new_tokens", 0) or 0, 16)
+        return spare * 2 if getattr(self.state, "capture_window", 0) else spare
 
     @staticmethod
     def _allocate(current, capacity: int) -> tuple[torch.Tensor, ...]:
@@ -138,7 +145,7 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         b, h, n, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
-        if self._shared is not None and self._shared.length + self._tail_len + n <= self._shared.buffers[0].shape[2]:
+        if self._shared is not None and self._tail_len + n <= self._shared.room:
             self._append_tail(n, key_states, value_states, new_pos)
         else:
             self._detach()  # a shared layer whose tail outgrew the lender's room: own copies from here on
@@ -156,14 +163,9 @@ class CompressedLayer(DynamicLayer):
         A buffer is (re)allocated when a slot axis was replaced (eviction, a fork) or is full."""
         current = (self.keys, self.values, self.positions)
         stored = current[0].shape[2]
-        room = self._buffers
-        fits = room is not None and all(v.data_ptr() == r.data_ptr() and v.stride() == r.stride()
-                                        for v, r in zip(current, room)) and stored + n <= room[0].shape[2]
-        if not fits:
-            # a grid's shared prefill keeps room for a fork's tail: the slots a decode keeps plus a verified draft
-            spare = self._spare() * (2 if getattr(self.state, "capture_window", 0) else 1)
-            room = self._allocate(current, stored + n + spare)
-            self._buffers = room
+        room = self._backing(current)
+        if room is None or stored + n > room[0].shape[2]:
+            room = self._buffers = self._allocate(current, stored + n + self._spare())
         for r, x in zip(room, new):
             r[:, :, stored:stored + n] = x
         return [r[:, :, :stored + n] for r in room]

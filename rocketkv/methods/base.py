@@ -207,8 +207,7 @@ def prefix_means(values: torch.Tensor, first_slot: int, n: int) -> torch.Tensor:
     the slots every token sees and a running sum of the rest."""
     seen_by_all = values[:, :, :first_slot + 1].float().sum(dim=2, keepdim=True)
     running = values[:, :, first_slot + 1:first_slot + n].float().cumsum(dim=2) + seen_by_all
-    counts = torch.arange(first_slot + 1, first_slot + n + 1, device=values.device, dtype=torch.float32)
-    return torch.cat([seen_by_all, running], dim=2) / counts[:, None]
+    return torch.cat([seen_by_all, running], dim=2) / token_uptos(first_slot, n, values.device).float()[:, None]
 
 
 def per_token_mean(counts: torch.Tensor, g: int, n: int) -> torch.Tensor:
