@@ -13,6 +13,7 @@ one room serves them all.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -25,6 +26,23 @@ _active = threading.local()
 def active_layer() -> "CompressedLayer | None":
     """The layer whose ``update`` ran last in this thread: the one the next attention call reads."""
     return getattr(_active, "layer", None)
+
+
+def gather_slots(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``t[b, h, slots[b, h, i]]`` as ``[B, H, m, ...]`` for ``t`` ``[B, H, S, ...]`` and in-range ``slots``
+    ``[B, H, m]``: one row copy per slot (``index_select`` over the slot rows), several times faster on CPU than
+    ``torch.gather`` with an index expanded over the trailing axes."""
+    b, h, n = t.shape[:3]
+    width = math.prod(t.shape[3:])
+    rows_aligned = t.stride(2) == width and t.stride(0) % width == 0 and t.stride(1) % width == 0
+    if not (rows_aligned and t[:1, :1, :1].is_contiguous()):
+        t = t.contiguous()
+    span = ((b - 1) * t.stride(0) + (h - 1) * t.stride(1)) // width + n  # slot rows from the first to the last
+    rows = t.as_strided((span, width), (width, 1), t.storage_offset())
+    first_row = (torch.arange(b, device=t.device)[:, None] * t.stride(0)
+                 + torch.arange(h, device=t.device) * t.stride(1)) // width
+    picked = rows.index_select(0, (slots + first_row[..., None]).reshape(-1))
+    return picked.view(b, h, slots.shape[-1], *t.shape[3:])
 
 
 class SharedSlots:
@@ -196,9 +214,7 @@ class CompressedLayer(DynamicLayer):
 
     def keep(self, slots: torch.Tensor, visible: torch.Tensor | None = None) -> None:
         """Keep only ``slots`` (``[B, Hkv, m]``, ascending) of every head; the rest is freed, not masked."""
-        idx = slots.unsqueeze(-1).expand(*slots.shape, self.keys.shape[-1])
-        kept = (torch.gather(self.keys, 2, idx).contiguous(), torch.gather(self.values, 2, idx).contiguous(),
-                torch.gather(self.positions, 2, slots).contiguous())
+        kept = tuple(gather_slots(t, slots) for t in (self.keys, self.values, self.positions))
         self._shared = self._tail = None  # the gathered slots are this layer's own
         self.keys, self.values, self.positions = kept
         self.visible = visible

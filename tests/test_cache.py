@@ -331,3 +331,24 @@ def test_a_forks_decode_peak_counts_the_shared_slots_it_reads_as_a_separate_run_
     shared = SharedPrefill(cache=None, seconds=0.0, peak=None, held=500)
     memory = shared.memory(PeakMemory(torch.device("cpu")), 1200, 2000, read_in_place=300)
     assert memory.decode_peak == 2000 - 500 + 300
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "view_of_a_buffer_with_room", "heads_major", "trailing_strided"])
+def test_gather_slots_equals_torch_gather(layout):
+    """``gather_slots`` (index_select over slot rows) picks what ``torch.gather`` along the slot axis picks, for K/V
+    (trailing head dim) and positions (no trailing axis), from views of buffers with room and from layouts whose
+    slot rows are not evenly strided."""
+    from rocketkv.cache import gather_slots
+
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 50, 8)
+    if layout == "view_of_a_buffer_with_room":
+        keys = torch.randn(2, 3, 64, 8)[:, :, :50]
+    elif layout == "heads_major":
+        keys = torch.randn(3, 2, 50, 8).transpose(0, 1)
+    elif layout == "trailing_strided":
+        keys = torch.randn(2, 3, 8, 50).transpose(2, 3)
+    positions = torch.randint(0, 1000, (2, 3, 64))[:, :, :50]
+    slots = torch.stack([torch.stack([torch.randperm(50)[:7] for _ in range(3)]) for _ in range(2)])
+    assert torch.equal(gather_slots(keys, slots), torch.gather(keys, 2, slots[..., None].expand(2, 3, 7, 8)))
+    assert torch.equal(gather_slots(positions, slots), torch.gather(positions, 2, slots))

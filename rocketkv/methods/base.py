@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rocketkv.cache import CompressedLayer
+from rocketkv.cache import CompressedLayer, gather_slots
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -240,10 +240,9 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, u
         selected = torch.full((b, hkv, G, upto + 1), float("-inf"), dtype=q.dtype, device=idx.device)
         selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=selected[..., 1:], scale=scaling)
-    safe = idx.clamp(min=0)
-    flat = safe.reshape(b, hkv, G * kk, 1).expand(b, hkv, G * kk, d)
-    k_sel = torch.gather(layer.keys[:, :, :upto], 2, flat).view(b, hkv, G, kk, d)
-    v_sel = torch.gather(layer.values[:, :, :upto], 2, flat).view(b, hkv, G, kk, d)
+    safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
+    k_sel = gather_slots(layer.keys[:, :, :upto], safe).view(b, hkv, G, kk, d)
+    v_sel = gather_slots(layer.values[:, :, :upto], safe).view(b, hkv, G, kk, d)
     logits = torch.einsum("bhgd,bhgkd->bhgk", q.float(), k_sel.float().expand(b, hkv, g, kk, d)) * scaling
     logits = logits.masked_fill((idx < 0).expand(b, hkv, g, kk), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -271,9 +270,9 @@ def _union_of_selections(keys, values, idx, upto):
     rank = selected.cumsum(-1) - 1  # position of each selected slot in the union, in slot order
     order = torch.zeros(b, hkv, n_union + 1, dtype=torch.long, device=idx.device)
     order.scatter_(-1, rank.masked_fill(~selected, n_union), torch.arange(upto, device=idx.device).expand(b, hkv, upto))
-    order = order[..., :n_union, None].expand(b, hkv, n_union, keys.shape[-1])  # a KV head with fewer: slot 0, unused
+    order = order[..., :n_union]  # a KV head with fewer: slot 0, unused
     renumbered = rank.gather(-1, (flat - 1).clamp(min=0)).masked_fill(flat == 0, -1).view(idx.shape)
-    return keys.gather(2, order), values.gather(2, order), renumbered, n_union
+    return gather_slots(keys, order), gather_slots(values, order), renumbered, n_union
 
 
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
