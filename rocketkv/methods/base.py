@@ -261,17 +261,16 @@ def _union_of_selections(keys, values, idx, upto):
     slots, so attending the union is much cheaper than attending every slot under a mask.  When the union covers
     most slots, the inputs are returned as they are."""
     b, hkv = idx.shape[:2]
-    flat = idx.reshape(b, hkv, -1).clamp(min=-1) + 1  # -1 pads land in column 0, dropped
-    selected = torch.zeros(b, hkv, upto + 1, dtype=torch.bool, device=idx.device).scatter_(-1, flat, True)[..., 1:]
-    counts = selected.sum(-1)
-    n_union = int(counts.max())
+    selected = selected_slots(idx, upto)
+    n_union = int(selected.sum(-1).max())
     if n_union * UNION_FRACTION > upto:
         return keys, values, idx, upto
     rank = selected.cumsum(-1) - 1  # position of each selected slot in the union, in slot order
     order = torch.zeros(b, hkv, n_union + 1, dtype=torch.long, device=idx.device)
     order.scatter_(-1, rank.masked_fill(~selected, n_union), torch.arange(upto, device=idx.device).expand(b, hkv, upto))
     order = order[..., :n_union]  # a KV head with fewer: slot 0, unused
-    renumbered = rank.gather(-1, (flat - 1).clamp(min=0)).masked_fill(flat == 0, -1).view(idx.shape)
+    flat = idx.reshape(b, hkv, -1)
+    renumbered = rank.gather(-1, flat.clamp(min=0)).masked_fill(flat < 0, -1).view(idx.shape)
     return gather_slots(keys, order), gather_slots(values, order), renumbered, n_union
 
 
@@ -288,13 +287,17 @@ def mean_count(counts: torch.Tensor) -> torch.Tensor:
     return counts.float().mean().double()
 
 
-def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """Distinct valid slots per ``[B,Hkv]`` over the G and k axes of ``idx`` ``[B,Hkv,G,k]``."""
+def selected_slots(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """``[B,Hkv,n_slots]`` bool: the slots any entry of ``idx`` (``[B,Hkv,...]``, -1 pads) selects."""
     b, hkv = idx.shape[:2]
     hit = torch.zeros(b, hkv, n_slots + 1, dtype=torch.bool, device=idx.device)
-    flat = idx.reshape(b, hkv, -1).clamp(min=-1) + 1  # -1 pads land in slot 0, dropped below
-    hit.scatter_(2, flat, True)
-    return hit[..., 1:].sum(-1)
+    hit.scatter_(-1, idx.reshape(b, hkv, -1).clamp(min=-1) + 1, True)  # -1 pads land in column 0, dropped
+    return hit[..., 1:]
+
+
+def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Distinct valid slots per ``[B,Hkv]`` over the G and k axes of ``idx`` ``[B,Hkv,G,k]``."""
+    return selected_slots(idx, n_slots).sum(-1)
 
 
 _SCORED_WINDOWS: dict[int, dict] = {}  # id(q_window) -> its scores per (keys, prompt_len, window, scaling)
