@@ -13,6 +13,7 @@ its own tokens, with the same methods' attention.  Ratios are measured in one ru
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 import tempfile
 from pathlib import Path
 
@@ -20,28 +21,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rocketkv.generation import Timer, decode, forward
+from rocketkv.generation import Timer
 from rocketkv.models import ModelSpec, load_model
 from rocketkv.prompting import prompt_token_ids
 from rocketkv.row_decode import stack_rows
 from rocketkv.runner import build_task, check_plans, grid_configs, make_cell, select_samples
-from rocketkv.sample_runs import PeakMemory, SharedPrefill, run_sample
+from rocketkv.sample_runs import PeakMemory, SharedPrefill, decode_forked, decode_keys, run_sample
 from rocketkv.session import CompressionSession, cache_kwarg, compress
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["full", "snapkv", "quest", "sparq", "topk", "rocketkv"]
 BUDGETS = [256, 512, 1024, 2048, 4096]
-
-
-def exact_tokens(model, tokenizer, spec, task, sample, ids, shared, cell) -> list[int]:
-    """The cell's tokens decoded alone from the shared prefill (the exact grid's path)."""
-    with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
-                  model_max_len=spec.max_len, **cell.options) as session, torch.inference_mode():
-        cache = session.fork(shared.cache, sample.max_new_tokens)
-        logits = forward(model, ids[-1:], cache)
-        tokens, _, _ = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos)
-    session.release()
-    return tokens
 
 
 def oracle_feed(last_prompt_token: int, tokens: list[int], max_new: int) -> list[int]:
@@ -92,38 +82,32 @@ def main():
         prompts = {s.id: prompt_token_ids(tokenizer, s, spec.chat_template, spec.max_len) for s in samples}
         cells = check_plans(cells, samples, prompts, model, spec, skip=True)
         full_cell = next(c for c in cells if c.method.is_reference)
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = defaultdict(float)  # seconds summed over the samples, in the order first added
         fed = agreed = 0
-        add = lambda key, seconds: totals.__setitem__(key, totals.get(key, 0.0) + seconds)  # noqa: E731
         run_sample(model, tokenizer, spec, samples[0], prompts[samples[0].id], full_cell, task)  # warm-up
         for sample in samples:
             ids = prompts[sample.id]
             record = run_sample(model, tokenizer, spec, sample, ids, full_cell, task)
-            add("single run: prefill", record["time_prefill_s"])
-            add("single run: decode step by step", record["time_decode_s"])
-            shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells),
-                                       PeakMemory(model.device))
-            add("grid: shared prefill", shared.seconds)
-            first = shared.cache.layers[0]
-            distinct = {}
-            for cell in cells:
-                plan = cell.method.plan(len(ids), sample.max_new_tokens, first.keys.shape[-1], spec.max_len,
-                                        group_size=first.state.group_size)
-                distinct.setdefault("dense" if plan.get("dense") else cell.label, cell)
+            totals["single run: prefill"] += record["time_prefill_s"]
+            totals["single run: decode step by step"] += record["time_decode_s"]
+            mem = PeakMemory(model.device)
+            shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells), mem)
+            totals["grid: shared prefill"] += shared.seconds
+            distinct = decode_keys(spec, sample, ids, shared, cells)[2]
             dense = distinct.pop("dense")
-            tokens = {key: exact_tokens(model, tokenizer, spec, task, sample, ids, shared, cell)
-                      for key, cell in [("dense", dense), *distinct.items()]}
+            tokens = {key: decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, cell).tokens
+                      for key, cell in [("dense", dense), *distinct.items()]}  # each cell alone: its exact tokens
             feeds = {key: oracle_feed(ids[-1], t, sample.max_new_tokens) for key, t in tokens.items()}
             t_fork, t_full, a_full = verify_once(model, spec, sample, shared, [dense.method], [feeds["dense"]])
-            add("oracle: fork full KV", t_fork)
-            add("oracle: full KV's tokens in one forward", t_full)
+            totals["oracle: fork full KV"] += t_fork
+            totals["oracle: full KV's tokens in one forward"] += t_full
             rows = [feeds[key] for key in distinct]
             t_fork, t_rows, a_rows = verify_once(model, spec, sample, shared, [c.method for c in distinct.values()],
                                                  rows)
-            add(f"oracle: fork the other cells ({len(rows)})", t_fork)
-            add("oracle: their tokens in one forward", t_rows)
+            totals[f"oracle: fork the other cells ({len(rows)})"] += t_fork
+            totals["oracle: their tokens in one forward"] += t_rows
             _, t_dense, _ = verify_once(model, spec, sample, shared, [dense.method] * len(rows), rows)
-            add("  the same rows with dense attention", t_dense)
+            totals["  the same rows with dense attention"] += t_dense
             fed += sum(len(f) - 1 for f in [feeds["dense"], *rows])
             agreed += a_full + a_rows
             del shared

@@ -170,6 +170,20 @@ def read_in_place(cache) -> int:
     return sum(layer.shared_bytes() for layer in cache.layers)
 
 
+def decode_keys(spec: ModelSpec, sample: Sample, ids: list[int], shared: SharedPrefill, cells: list[Cell]
+                ) -> tuple[list[dict], list, dict]:
+    """Each cell's plan for this sample and its decode key ("dense" for every cell whose plan is dense: they all
+    compute what full KV computes, so one decode serves them), and each distinct key's first cell."""
+    first = shared.cache.layers[0]
+    plans = [c.method.plan(len(ids), sample.max_new_tokens, first.keys.shape[-1], spec.max_len,
+                           group_size=first.state.group_size) for c in cells]
+    keys = ["dense" if plan.get("dense") else i for i, plan in enumerate(plans)]
+    distinct: dict = {}
+    for key, cell in zip(keys, cells):
+        distinct.setdefault(key, cell)
+    return plans, keys, distinct
+
+
 def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
                              task: Task, batching: RowBatching = RowBatching()) -> list[dict]:
     """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it.
@@ -182,20 +196,14 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     (``draft_verify``).  A row dropped at a near tie is decoded alone, exactly."""
     mem = PeakMemory(model.device)
     shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells), mem)
-    first = shared.cache.layers[0]
-    plans = [c.method.plan(len(ids), sample.max_new_tokens, first.keys.shape[-1], spec.max_len,
-                           group_size=first.state.group_size) for c in cells]
-    keys = ["dense" if plan.get("dense") else i for i, plan in enumerate(plans)]
-    distinct: dict = {}  # decode key -> the first cell with it
-    for key, cell in zip(keys, cells):
-        distinct.setdefault(key, cell)
+    plans, keys, distinct = decode_keys(spec, sample, ids, shared, cells)
     decoded: dict[object, Decoded] = {}
     if batching.speculative and len(distinct) > 1:
         if "dense" in distinct:  # first, alone, drafting itself by prompt lookup; its tokens draft every other cell
             decoded.update(_verify_rows(model, tokenizer, spec, sample, ids, task, shared, mem,
                                         {"dense": distinct["dense"]}, [], batching.tie_margin))
             if "dense" not in decoded:  # a near tie: the exact per-cell path
-                decoded["dense"] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem,
+                decoded["dense"] = decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem,
                                                   distinct["dense"])
         for batch in batching.batches({key: cell for key, cell in distinct.items() if key != "dense"}):
             known = [d.tokens for d in decoded.values()]  # every finished decode drafts the next batch
@@ -209,7 +217,7 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     records = []
     for cell, plan, key in zip(cells, plans, keys):
         if key not in decoded:
-            decoded[key] = _decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, cell)
+            decoded[key] = decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, cell)
         records.append(sample_record(sample, ids, decoded[key], plan, task))
     return records
 
@@ -252,7 +260,7 @@ def _verify_rows(model, tokenizer, spec, sample, ids, task, shared: SharedPrefil
             for key, stream, row_seconds in zip(distinct, streams, seconds) if stream is not None}
 
 
-def _decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, cell: Cell) -> Decoded:
+def decode_forked(model, tokenizer, spec, sample, ids, task, shared: SharedPrefill, mem, cell: Cell) -> Decoded:
     mem.reset()
     with compress(model, method=cell.name, budget=cell.budget, max_new_tokens=sample.max_new_tokens,
                   model_max_len=spec.max_len, **cell.options) as session:
