@@ -28,6 +28,19 @@ def test_draft_falls_back_to_prompt_lookup():
     assert draft([3, 16], [], lookup, 4) == []  # one matching token (16) is not enough to draft from
 
 
+def test_draft_looks_up_the_other_decodes_between_the_output_and_the_prompt():
+    lookup = Lookup([10, 11, 12, 13, 14, 11, 12, 15, 16])
+    others = [[1, 77, 8, 9, 77, 5, 6], [77, 40], [11, 12, 50, 51]]  # none starts with the outputs below
+    # one token (77) suffices in a decode: after its latest occurrence in the first decode that holds it
+    assert draft([3, 77], others, lookup, 4) == [5, 6]
+    assert draft([4, 11, 12], others, lookup, 4) == [50, 51]  # a decode's (11, 12) before the prompt's
+    assert draft([2, 9, 77], others, lookup, 4) == [5, 6]  # (9, 77) in a decode
+    # a longer tail in the prompt before a single token in a decode
+    assert draft([4, 13, 14], others + [[14, 60]], lookup, 4) == [11, 12, 15, 16]
+    assert draft([11, 12, 7, 11, 12], others, lookup, 2) == [7, 11]  # the output's own (11, 12) first
+    assert draft([3, 78], [[5, 78]], Lookup([1, 2, 3]), 4) == []  # nothing follows a decode's last token
+
+
 def test_prompt_lookup_length():
     lookup = Lookup(list(range(10, 40)) + [10, 11])
     assert draft([], [], lookup, 20) == [12, 13, 14, 15]  # a wide batch's lookups stay short
