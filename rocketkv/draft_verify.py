@@ -10,8 +10,8 @@ greedy tokens.  A cell's rejected tokens are dropped from its cache and from its
 
 Drafts (``draft``): the continuation of any decode already known to start with the cell's tokens (full KV's,
 another cell's), else the tokens that followed the latest earlier occurrence of the cell's last 2-3 tokens in its
-own output, in this prompt's decodes so far (there the last token alone also counts: cells that left every known
-text still write alike) or in the prompt (prompt lookup).  A forward costs about one weight read up to ~16 token
+own output, in this prompt's decodes so far (every cell's output, its own included; there the last token alone
+also counts: cells that left every known text still write alike) or in the prompt (prompt lookup).  A forward costs about one weight read up to ~16 token
 rows, so a narrow batch (full KV alone, the last unfinished cells) takes longer lookups than a wide one.  The rows
 are packed into one sequence (``RowStackLayer.widths``), so a row fed one token costs one decode step and no padding.
 
@@ -30,8 +30,8 @@ from rocketkv.row_decode import stack_rows
 from rocketkv.session import cache_kwarg
 
 NGRAM = 3  # longest tail matched in the prompt lookup
-MIN_MATCH = 2  # shortest in the prompt and a row's own output: what followed a single matching token there is
-# almost never what comes next
+MIN_MATCH = 2  # shortest tail matched in the prompt: what followed a single matching token there is almost never
+# what comes next
 LOOKUP_TOKENS = 4  # longest prompt-lookup draft in a wide batch: such drafts are often wrong, and every fed token
 # costs a row of every projection
 CHEAP_TOKEN_ROWS = 16  # a forward with up to this many token rows costs about one weight read: a narrow batch
