@@ -11,9 +11,10 @@ greedy tokens.  A cell's rejected tokens are dropped from its cache and from its
 Drafts (``draft``): the continuation of any decode already known to start with the cell's tokens (full KV's,
 another cell's), else the tokens that followed the latest earlier occurrence of the cell's last 2-3 tokens in its
 own output, in this prompt's decodes so far (every cell's output, its own included; there the last token alone
-also counts: cells that left every known text still write alike) or in the prompt (prompt lookup).  A forward costs about one weight read up to ~16 token
-rows, so a narrow batch (full KV alone, the last unfinished cells) takes longer lookups than a wide one.  The rows
-are packed into one sequence (``RowStackLayer.widths``), so a row fed one token costs one decode step and no padding.
+also counts: cells that left every known text still write alike) or in the prompt (prompt lookup).  A forward
+costs about one weight read up to ~16 token rows, so a narrow batch (full KV alone, the last unfinished cells)
+takes longer lookups than a wide one.  The rows are packed into one sequence (``RowStackLayer.widths``), so a row
+fed one token costs one decode step and no padding.
 
 As with batched rows, batched products round differently from a cell decoded alone: a cell whose two best
 logits come closer than ``tie_margin`` at a kept position leaves (``None``) for the exact per-cell path.
