@@ -39,17 +39,31 @@ CHEAP_TOKEN_ROWS = 16  # a forward with up to this many token rows costs about o
 # takes longer prompt-lookup drafts (a row alone, up to 16 tokens)
 
 
+def ngram_index(texts: list[list[int]], shortest: int) -> dict:
+    """Every n-gram (``shortest`` <= n <= NGRAM) of ``texts`` -> where the tokens after its latest occurrence start,
+    in the first text that holds it: (that text, offset)."""
+    index = {}
+    for text in reversed(texts):  # the first text's entries are written last
+        for n in range(shortest, NGRAM + 1):
+            for start in range(len(text) - n):  # an occurrence needs a token after it
+                index[tuple(text[start:start + n])] = (text, start + n)
+    return index
+
+
+def decode_ngrams(decodes: list[list[int]], prompt_tail: list[int]) -> dict:
+    """``ngram_index`` of ``decodes``, each read after ``prompt_tail`` (the prompt's last tokens), down to one token."""
+    return ngram_index([prompt_tail + decode for decode in decodes], 1)
+
+
 @dataclass
 class Lookup:
-    """Where each n-gram (n <= NGRAM) of the prompt last occurs, for prompt-lookup drafts."""
+    """Where each n-gram (MIN_MATCH <= n <= NGRAM) of the prompt last occurs, for prompt-lookup drafts."""
 
     tokens: list[int]
-    last: dict = field(default_factory=dict)  # n-gram tuple -> start of its latest occurrence
+    last: dict = field(init=False)  # ``ngram_index`` of the prompt
 
     def __post_init__(self):
-        for n in range(MIN_MATCH, NGRAM + 1):
-            for start in range(len(self.tokens) - n):  # an occurrence needs a token after it
-                self.last[tuple(self.tokens[start:start + n])] = start
+        self.last = ngram_index([self.tokens], MIN_MATCH)
 
     def follow(self, outputs: list[int], max_len: int, decodes: dict | None = None) -> list[int]:
         """What followed the latest earlier occurrence of the longest matching tail (NGRAM tokens down) of the
@@ -63,27 +77,12 @@ class Lookup:
                 for start in range(len(outputs) - n - 1, -1, -1):
                     if outputs[start:start + n] == tail:
                         return outputs[start + n:start + n + max_len]
-            found = (decodes or {}).get(tuple(tail))
-            if found is not None:
-                source, start = found
-                return source[start:start + max_len]
-            if n >= MIN_MATCH:
-                start = self.last.get(tuple(tail))
-                if start is not None:
-                    return self.tokens[start + n:start + n + max_len]
+            for index in (decodes or {}, self.last):  # the prompt's index holds no single tokens
+                found = index.get(tuple(tail))
+                if found is not None:
+                    source, after = found
+                    return source[after:after + max_len]
         return []
-
-
-def decode_ngrams(decodes: list[list[int]], prompt_tail: list[int]) -> dict:
-    """Every n-gram (n <= NGRAM) of ``decodes`` (each read after ``prompt_tail``, the prompt's last tokens) -> where
-    the tokens after its latest occurrence start, in the first decode that holds it: (that text, offset)."""
-    index = {}
-    for decode in reversed(decodes):  # the first decode's entries are written last
-        text = prompt_tail + decode
-        for n in range(1, NGRAM + 1):
-            for start in range(len(text) - n):  # an occurrence needs a token after it
-                index[tuple(text[start:start + n])] = (text, start + n)
-    return index
 
 
 def draft(context: list[int], sources: list[list[int]], lookup: Lookup, max_len: int,
