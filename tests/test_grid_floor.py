@@ -1,6 +1,7 @@
 """benchmarks/grid_floor.py: the oracle forward it times feeds every cell its own exact tokens, so each fed position
 chooses the token fed after it, as the cell decoded alone does (else the bound it prints would not be one)."""
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +10,9 @@ from rocketkv.methods import make_method
 from test_generation_equivalence import MAX_NEW, SMALL, prompt, shared_prefill
 from test_row_decode import alone
 
-spec = importlib.util.spec_from_file_location("grid_floor", Path(__file__).parents[1] / "benchmarks" / "grid_floor.py")
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: grid_floor imports the grid from grid_cost
+spec = importlib.util.spec_from_file_location("grid_floor", BENCHMARKS / "grid_floor.py")
 grid_floor = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(grid_floor)
 
