@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from rocketkv.runner import run
+from rocketkv.harness.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["full", "topk", "snapkv", "quest", "sparq", "rocketkv"]

@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from rocketkv.cache import CompressedLayer
-from rocketkv.methods import make_method
-from rocketkv.session import GenerationState, _compress_layer
+from rocketkv.core.attention import compress_layer
+from rocketkv.core.cache import CompressedLayer
+from rocketkv.core.methods import make_method
+from rocketkv.core.state import GenerationState
 
 METHODS = ("full", "topk", "snapkv", "quest", "sparq", "rocketkv")
 
@@ -25,7 +26,7 @@ def build_layer(method, k, v, q_window, max_new, scaling):
     b, hkv, g = q_window.shape[:3]
     state.prompt_len, state.group_size, state.element_size = k.shape[2], g, k.element_size()
     state.plan = method.plan(k.shape[2], max_new, k.shape[-1], None, group_size=g)
-    _compress_layer(layer, method, q_window, k.shape[2], state.plan, scaling)
+    compress_layer(layer, q_window, k.shape[2], scaling)
     return layer, state
 
 
@@ -65,7 +66,7 @@ def main():
             layer, state = build_layer(method, k, v, q_window, max_new, scaling)
             seconds, cost = time_decode(method, layer, state, q, args.steps, scaling)
             read = cost.elements * k.element_size()
-            if name == "full":
+            if method.is_reference:
                 full_time, full_bytes = seconds, read
             print(f"{ctx:>8} {name:>9} {seconds * 1e3:>9.3f} {seconds / full_time:>12.2f} {read / 2**20:>12.2f} "
                   f"{read / full_bytes:>13.3f}")

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check on a single CUDA GPU, at most 8 minutes with every step capped by `timeout`:
-#   1. the kernel tests on CUDA (tests/test_kernels.py: torch path on CUDA, Triton vs torch in fp32/fp16/bf16;
-#      tests/test_decode_many.py: every method's multi-token decode against its steps one by one, on CUDA),
+#   1. the kernel tests on CUDA (tests/test_kernels.py: torch path on CUDA, Triton vs torch in fp32/fp16/bf16),
 #   2. benchmarks/kernel_bench.py at a 32k context / budget 256: each Triton kernel against its PyTorch reference
 #      and against the bytes-moved floor,
 #   3. python run_eval.py task=efficiency on a small model (full KV + every method at budget 256, side by side),
@@ -68,7 +67,7 @@ step() {
 }
 
 step "kernel tests (CUDA)" 150 "$OUT/kernel_tests.log" \
-    "$PY" -m pytest -q -rs tests/test_kernels.py tests/test_decode_many.py
+    "$PY" -m pytest -q -rs tests/test_kernels.py
 step "kernel bench 32k / budget 256" 90 "$OUT/kernel_bench.log" \
     "$PY" benchmarks/kernel_bench.py --context 32768 --budget 256 --json "$OUT/kernel_bench.json"
 # shellcheck disable=SC2086  # EXTRA holds separate overrides

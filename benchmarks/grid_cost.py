@@ -3,24 +3,20 @@ full-KV run, measured in one process on the same prompts.
 
     python benchmarks/grid_cost.py [--model smollm2-135m] [--length 2000] [--samples 3]
 
-Prints wall times and ratios (target: grid <= 1.3x a single full-KV run; that run is timed before and after the
-grids, and the ratios use the mean of the two), for the exact grid (every distinct
-cell decoded alone, bit for bit a separate run), the batched grid (``grid.batch_decode=true``: the distinct
-cells decoded as the rows of one batch, near ties decoded alone) and the speculative grid
-(``grid.speculative=true``: full KV first, verifying its own prompt lookups, then the other cells verifying
-drafts as batch rows).
+Prints wall times and ratios to a single full-KV run (timed before and after the grid; the ratios use the mean of
+the two) for the grid (every distinct cell decoded alone, bit for bit a separate run) and, with ``--separate``, the
+same cells run one by one.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from rocketkv.runner import run
+from rocketkv.harness.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["full", "snapkv", "quest", "sparq", "topk", "rocketkv"]
@@ -51,18 +47,6 @@ def main():
                      "grid.skip_invalid=true"]
         grid, cells = timed(base + [f"output_dir={tmp}/grid"] + grid_args)
         rows = [(f"grid, {len(cells)} cells, shared prefill", grid)]
-        exact = [predictions(records(c)) for c in cells]
-        summaries = []
-        for mode, label in (("batch_decode", "the same grid, cells batched"),
-                            ("speculative", "the same grid, drafts verified")):
-            seconds, mode_cells = timed(base + [f"output_dir={tmp}/{mode}", f"grid.{mode}=true"] + grid_args)
-            rows.append((label, seconds))
-            mode_records = [records(c) for c in mode_cells]
-            agree = sum(predictions(r) == e for r, e in zip(mode_records, exact))
-            counts = decode_counts(mode_cells, mode_records)
-            summaries.append(f"grid.{mode}=true: " + ", ".join(f"{v:.1f} {k}" for k, v in counts.items())
-                             + f" decodes per sample; {agree}/{len(cells)} cells with every prediction equal to "
-                             "the exact grid's")
         if args.separate:
             separate = 0.0
             for cell in cells:
@@ -81,28 +65,6 @@ def main():
     print(f"the single full-KV run took {full_before:.1f} s before the grids and {full_after:.1f} s after them")
     print(f"per sample: one prefill {full_metrics['timing']['prefill_s_mean']:.2f} s, full-KV decode "
           f"{full_metrics['timing']['decode_s_mean']:.2f} s")
-    for line in summaries:
-        print(line)
-
-
-def records(cell: dict) -> list[dict]:
-    with open(f"{cell['run']['results_dir']}/predictions.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def predictions(rows: list[dict]) -> list[tuple[str, str]]:
-    return [(r["id"], r["prediction"]) for r in rows]
-
-
-def decode_counts(cells: list[dict], cell_records: list[list[dict]]) -> dict:
-    """Per sample, on average: how the distinct decodes ran (dense cells share one, decoded alone)."""
-    runs: dict[str, set] = {}
-    for cell, rows in zip(cells, cell_records):
-        for r in rows:
-            key = (r["id"], "dense" if r["budget_params"].get("dense") else cell["run"]["results_dir"])
-            runs.setdefault(r.get("decoded_as", "alone"), set()).add(key)
-    n_samples = max(1, cells[0]["n_samples"])
-    return {k: len(v) / n_samples for k, v in sorted(runs.items())}
 
 
 if __name__ == "__main__":

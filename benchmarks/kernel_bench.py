@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from rocketkv import kernels
+from rocketkv.core import kernels
 
 H200_PEAK_GBPS = 4800.0
 

@@ -31,6 +31,21 @@ class Sample:
         return asdict(self)
 
 
+def int_option(name: str, value: Any, least: int) -> int:
+    """A task option that must be an integer ``>= least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"task.{name}={value!r} is not valid; give an integer >= {least}")
+    return value
+
+
+def int_list(name: str, value: Any, least: int, example: str) -> list[int]:
+    """A task option that is one integer or a non-empty list of integers, each ``>= least``."""
+    items = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
+    if not items or any(isinstance(n, bool) or not isinstance(n, int) or n < least for n in items):
+        raise ValueError(f"task.{name}={value!r} is not valid; give integers >= {least}, e.g. task.{name}={example}")
+    return [int(n) for n in items]
+
+
 def check_lengths_fit(lengths: list[int], max_new_tokens: int, model_max_len: int) -> None:
     """Prompt lengths (model tokens) plus the generated tokens must fit the model's context."""
     too_long = [n for n in lengths if n + max_new_tokens > model_max_len]
@@ -49,9 +64,6 @@ class Task(ABC):
     ignore_eos: bool = False
     # What the headline ``score`` measures, as the runner prints it.
     score_name: str = "score"
-    # The score is each cell's own decode time, so cells must not share a batch (``grid.batch_decode``,
-    # ``grid.speculative``).
-    times_each_cell: bool = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rocketkv.models import build_tiny_random
+from rocketkv.harness.models import build_tiny_random
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

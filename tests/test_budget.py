@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from rocketkv.methods import METHODS
-from rocketkv.session import resolve_budget
+from rocketkv.core.methods import METHODS
+from rocketkv.core.session import resolve_budget
 
 D = 128
 

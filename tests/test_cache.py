@@ -5,7 +5,7 @@ import torch
 from transformers import AttentionInterface
 
 from conftest import greedy_steps, peaky_model, prompt_logits
-from rocketkv.session import compress
+from rocketkv.core.session import compress
 
 PROMPT_LEN, MAX_NEW = 90, 8
 
@@ -134,17 +134,22 @@ def test_eviction_equals_masked_full_attention(monkeypatch, method, budget, opts
     above the cache size: stage 1 (eviction, positions) runs for real, stage 2 becomes exact attention.
     """
     if method == "rocketkv":
-        import rocketkv.methods.rocketkv as rk
+        import rocketkv.core.methods.rocketkv as rk
 
         real_budget = rk.rocketkv_budget
         monkeypatch.setattr(rk, "rocketkv_budget", lambda *a, **k: {**real_budget(*a, **k), "topk": 10 ** 6})
     model = peaky_model()
     ids = prompt(seed=7)
-    max_new = 6
-    session, cache, tokens, logits = run(model, method, budget, max_new=max_new, ids=ids, **opts)
-    split = PROMPT_LEN - 1
-    assert cache.layers[0].stored < PROMPT_LEN + max_new - 1  # eviction happened
-    total = PROMPT_LEN + max_new - 1
+    _, cache, tokens, logits = run(model, method, budget, max_new=6, ids=ids, **opts)
+    assert cache.layers[0].stored < PROMPT_LEN + 6 - 1  # eviction happened
+    assert_equals_masked_full_attention(model, ids, cache, tokens, logits)
+
+
+def assert_equals_masked_full_attention(model, ids, cache, tokens, logits):
+    """The decode's logits equal those of one full forward over prompt + tokens in which each decode query of a
+    head sees only the positions that head's compressed cache kept."""
+    split = ids.shape[1] - 1
+    total = split + tokens.shape[1]
     allowed = {}
     g = model.config.num_attention_heads // model.config.num_key_value_heads
     for layer in cache.layers:
@@ -218,11 +223,11 @@ def test_beam_search_and_cropping_refused():
             model.generate(prompt(length=20), max_new_tokens=3, num_beams=2, do_sample=False)
 
 
-# ------------------------------------------------------------------ forks read a shared prefill in place
+# ------------------------------------------------------------------ forks of a shared prefill
 def _source_layer(slots=40, max_new=4, seed=0):
-    from rocketkv.cache import CompressedLayer
-    from rocketkv.session import GenerationState
-    from rocketkv.methods.full import FullKV
+    from rocketkv.core.cache import CompressedLayer
+    from rocketkv.core.methods.full import FullKV
+    from rocketkv.core.state import GenerationState
 
     gen = torch.Generator().manual_seed(seed)
     state = GenerationState(FullKV(), max_new, None, capture_window=32)
@@ -233,7 +238,7 @@ def _source_layer(slots=40, max_new=4, seed=0):
 
 
 def _fork(source, state):
-    from rocketkv.cache import CompressedLayer
+    from rocketkv.core.cache import CompressedLayer
 
     fork = CompressedLayer(state, 0)
     fork.share(source)
@@ -245,59 +250,23 @@ def _kv(seed, n=1):
     return torch.randn(1, 2, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
 
 
-def test_forks_read_the_shared_prefill_in_place_and_keep_their_own_tails():
+def test_forks_start_from_the_shared_prefill_and_never_write_it():
     source, state = _source_layer()
     prefix_k, prefix_v = source.keys.clone(), source.values.clone()
     a, b = _fork(source, state), _fork(source, state)
+    assert a.keys.data_ptr() == source.keys.data_ptr() and a.stored == a.seen == 40  # read, not copied, until it grows
     fed_a, fed_b = _kv(1, 3), _kv(2, 5)
     a.update(*fed_a)
-    b.update(*fed_b)
-    for _ in range(2):  # read in turn, as a batch's rows attend: each sees the prefill then its own tokens
-        for layer, (k, v) in ((a, fed_a), (b, fed_b)):
-            assert layer.keys.data_ptr() == source.keys.data_ptr()  # no copy of the prefill
-            assert torch.equal(layer.keys, torch.cat([prefix_k, k], dim=2))
-            assert torch.equal(layer.values, torch.cat([prefix_v, v], dim=2))
-            assert layer.positions[0, 0].tolist() == list(range(40 + k.shape[2]))
-            assert layer.stored == layer.seen == 40 + k.shape[2]
-            assert layer.kv_bytes() == 2 * layer.keys.numel() * 4
-    b.drop_newest(2)  # a rejected draft
-    assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3]], dim=2)) and b.seen == 43
-    more = _kv(3)
-    b.update(*more)
-    assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3], more[0]], dim=2))
-    assert torch.equal(a.keys, torch.cat([prefix_k, fed_a[0]], dim=2))
-    assert torch.equal(source.keys, prefix_k)  # the source's own view never shows a fork's tail
-    a.drop_newest(5)  # past its tail, into the shared slots: it takes its own copy first
-    assert a._shared is None and torch.equal(a.keys, prefix_k[:, :, :38]) and a.seen == 38
-    assert torch.equal(b.keys, torch.cat([prefix_k, fed_b[0][:, :, :3], more[0]], dim=2))
-    assert torch.equal(source.keys, prefix_k)
-
-
-def test_a_fork_whose_tail_outgrows_the_room_copies_and_goes_on():
-    source, state = _source_layer()
-    fork = _fork(source, state)
-    room = fork._shared.room
-    fed = _kv(4, room + 3)  # more than the room after the prefill
-    fork.update(fed[0][:, :, :room], fed[1][:, :, :room])
-    assert fork._shared is not None
-    fork.update(fed[0][:, :, room:], fed[1][:, :, room:])
-    assert fork._shared is None and fork.keys.data_ptr() != source.keys.data_ptr()
-    assert torch.equal(fork.keys, torch.cat([source.keys, fed[0]], dim=2))
-    other = _fork(source, state)  # the room the first fork used is still there for the others
-    other.update(*_kv(5))
-    assert torch.equal(fork.keys, torch.cat([source.keys, fed[0]], dim=2))
-
-
-def test_a_source_appending_after_lending_does_not_touch_its_forks():
-    source, state = _source_layer()
-    prefix = source.keys.clone()
-    fork = _fork(source, state)
-    fed = _kv(6, 2)
-    fork.update(*fed)
-    with torch.inference_mode():
-        source.update(*_kv(7, 2))
-    assert torch.equal(fork.keys, torch.cat([prefix, fed[0]], dim=2))
-    assert torch.equal(source.keys[:, :, :40], prefix) and source.stored == 42
+    for i in range(5):  # b one step at a time
+        b.update(fed_b[0][:, :, i:i + 1], fed_b[1][:, :, i:i + 1])
+    for layer, (k, v) in ((a, fed_a), (b, fed_b)):
+        assert layer.keys.data_ptr() != source.keys.data_ptr()  # its own buffers from the first append on
+        assert torch.equal(layer.keys, torch.cat([prefix_k, k], dim=2))
+        assert torch.equal(layer.values, torch.cat([prefix_v, v], dim=2))
+        assert layer.positions[0, 0].tolist() == list(range(40 + k.shape[2]))
+        assert layer.stored == layer.seen == 40 + k.shape[2]
+        assert layer.kv_bytes() == 2 * layer.keys.numel() * 4
+    assert torch.equal(source.keys, prefix_k) and torch.equal(source.values, prefix_v) and source.stored == 40
 
 
 def test_eviction_of_a_fork_gathers_its_own_slots():
@@ -305,32 +274,21 @@ def test_eviction_of_a_fork_gathers_its_own_slots():
     prefix = source.keys.clone()
     fork = _fork(source, state)
     fork.keep(torch.tensor([[[0, 5, 39], [1, 2, 3]]]))
-    assert fork._shared is None and fork.stored == 3
+    assert fork.stored == 3 and fork.keys.data_ptr() != source.keys.data_ptr()
     assert torch.equal(fork.keys[0, 0], prefix[0, 0, [0, 5, 39]])
     fork.update(*_kv(8))
     assert fork.positions[0, 0].tolist() == [0, 5, 39, 40]
     assert torch.equal(source.keys, prefix) and source.stored == 40
 
 
-def test_a_forks_decode_peak_counts_the_shared_slots_it_reads_as_a_separate_run_holds_them():
-    """Memory records: a cell that reads the shared prefill in place is charged the bytes a separate run of it would
-    hold for those slots; a cell that evicted holds its own copy, already in its peak."""
-    from rocketkv.generation import PeakMemory
-    from rocketkv.sample_runs import SharedPrefill, read_in_place
+def test_a_forks_decode_peak_leaves_out_the_shared_prefill():
+    """Memory records: a separate run of a cell does not hold the grid's shared prefill cache."""
+    from rocketkv.harness.memory import PeakMemory
+    from rocketkv.harness.sample_runs import SharedPrefill
 
-    source, state = _source_layer(slots=40)
-    reading, evicting = _fork(source, state), _fork(source, state)
-    evicting.keep(torch.tensor([[[0, 5, 39], [1, 2, 3]]]))
-    per_layer = 40 * 2 * (8 * 4 + 8 * 4 + 8)  # 40 slots × 2 KV heads × (keys + values + a long position)
-    assert reading.shared_bytes() == per_layer and evicting.shared_bytes() == 0
-
-    class Cache:
-        layers = [reading, reading]
-
-    assert read_in_place(Cache()) == 2 * per_layer
     shared = SharedPrefill(cache=None, seconds=0.0, peak=None, held=500)
-    memory = shared.memory(PeakMemory(torch.device("cpu")), 1200, 2000, read_in_place=300)
-    assert memory.decode_peak == 2000 - 500 + 300
+    memory = shared.memory(PeakMemory(torch.device("cpu")), 1200, 2000)
+    assert memory.decode_peak == 2000 - 500 and memory.peak == 2000
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "view_of_a_buffer_with_room", "heads_major", "trailing_strided"])
@@ -338,7 +296,7 @@ def test_gather_slots_equals_torch_gather(layout):
     """``gather_slots`` (index_select over slot rows) picks what ``torch.gather`` along the slot axis picks, for K/V
     (trailing head dim) and positions (no trailing axis), from views of buffers with room and from layouts whose
     slot rows are not evenly strided."""
-    from rocketkv.cache import gather_slots
+    from rocketkv.core.cache import gather_slots
 
     torch.manual_seed(0)
     keys = torch.randn(2, 3, 50, 8)

@@ -12,11 +12,11 @@ import torch
 
 from conftest import REPO
 from evals.efficiency.task import EfficiencyTask, efficiency_table
-from rocketkv.generation import decode
-from rocketkv.models import tiny_tokenizer
-from rocketkv.prompting import prompt_token_ids
-from rocketkv.runner import run
-from rocketkv.sample_runs import held_bytes
+from rocketkv.harness.generation import decode
+from rocketkv.harness.models import tiny_tokenizer
+from evals.prompting import prompt_token_ids
+from rocketkv.harness.runner import run
+from rocketkv.harness.sample_runs import held_bytes
 
 TINY = ["model=tiny-random", "task=efficiency", "progress=false"]
 
@@ -42,11 +42,11 @@ def test_prompts_have_exact_lengths_no_special_tokens_and_depend_only_on_the_see
 @pytest.mark.parametrize("override,message", [
     ("task.lengths=[1024,9000]", r"\[9000\].*max length 8192"),
     ("task.lengths=[8150]", r"\[8150\].*use lengths <= 8142"),
-    ("task.lengths=[10]", "at least 64"),
+    ("task.lengths=[10]", r"task.lengths=\[10\] is not valid; give integers >= 64"),
     ("task.max_new_tokens=1", "max_new_tokens=1"),
 ])
 def test_bad_settings_fail_before_loading(compose_cfg, tmp_path, monkeypatch, override, message):
-    import rocketkv.runner as runner
+    import rocketkv.harness.runner as runner
 
     monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     with pytest.raises(ValueError, match=message):
@@ -132,9 +132,9 @@ def test_table_without_full_kv_shows_no_ratios():
 
 
 def test_shared_prefill_keeps_only_the_window_queries():
-    from rocketkv.models import build_tiny_random
-    from rocketkv.generation import forward
-    from rocketkv.session import compress
+    from rocketkv.harness.models import build_tiny_random
+    from rocketkv.harness.generation import forward
+    from rocketkv.core.session import compress
 
     model, _ = build_tiny_random()
     ids = list(range(3, 203))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import greedy_steps, peaky_model, prompt_logits
-from rocketkv.models import TINY_ARCHS
-from rocketkv.session import compress
+from rocketkv.harness.models import TINY_ARCHS
+from rocketkv.core.session import compress
 
 PROMPT_LEN, MAX_NEW = 90, 10
 CONTEXT = PROMPT_LEN + MAX_NEW
@@ -174,7 +174,7 @@ def test_multi_token_step_after_eviction_equals_one_by_one(method, budget, opts)
 def test_refuses_sliding_window_mistral():
     from transformers import AutoModelForCausalLM
 
-    from rocketkv.models import tiny_config
+    from rocketkv.harness.models import tiny_config
 
     cfg = tiny_config("mistral")
     cfg.sliding_window = 64
@@ -225,8 +225,8 @@ def test_user_cache_is_compressed_under_either_kwarg(name):
 
     from transformers import DynamicCache
 
-    from rocketkv.generation import forward
-    from rocketkv.session import cache_kwarg
+    from rocketkv.harness.generation import forward
+    from rocketkv.core.session import cache_kwarg
 
     model = peaky_model("llama")
     ids = prompt()[0].tolist()
@@ -309,35 +309,3 @@ def test_fork_refuses_short_capture():
     with compress(model, "rocketkv", 32, max_new_tokens=MAX_NEW) as session:
         with pytest.raises(ValueError, match="capture_window"):
             session.fork(shared)
-
-
-def test_forks_score_the_observation_window_once(monkeypatch):
-    """SnapKV and RocketKV cells forked from one shared prefill score its captured queries once per layer and
-    window; the remembered scores are those a fresh computation gives, and go when the shared prefill goes."""
-    import gc
-
-    from rocketkv import cache as cache_module
-    from rocketkv.methods import base
-
-    model = peaky_model("llama")
-    ids = prompt(seed=8)
-    shared = shared_prefill(model, ids, capture_window=32)
-    computed = []
-    real = base._window_scores
-    monkeypatch.setattr(base, "_window_scores", lambda *a: computed.append(a[3]) or real(*a))
-    cells = [("snapkv", 48 * 4, {"selection": "head"}), ("snapkv", 96, {"selection": "group"}),
-             ("rocketkv", 32, {}), ("rocketkv", 64, {}), ("snapkv", 64, {"selection": "group", "window": 16})]
-    for method, budget, opts in cells:
-        with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
-            session.fork(shared)
-    n_layers = len(shared.layers)
-    assert sorted(computed) == [16] * n_layers + [32] * n_layers
-    args = [(l.captured_q, l.keys, l.stored, 32, l.captured_scaling) for l in shared.layers]
-    same = [torch.equal(base.window_scores(*a), real(*a)) for a in args]
-    assert same == [True] * n_layers
-    remembered = [id(a[0]) for a in args]
-    assert all(i in base._SCORED_WINDOWS for i in remembered)
-    del shared, args
-    cache_module._active.layer = None  # the attention function's pointer to the last layer run
-    gc.collect()
-    assert not any(i in base._SCORED_WINDOWS for i in remembered)

@@ -101,7 +101,7 @@ def wait_for_predictions(out: Path, proc: subprocess.Popen, timeout: float = 180
 
 
 def run_in_process(overrides: list[str]) -> dict:
-    from rocketkv.runner import run
+    from rocketkv.harness.runner import run
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -254,8 +254,8 @@ def _sweep_jobs(experiment: str, *extra: str, sweeper: str = "basic") -> list[li
 
 def _cells(experiment: str, jobs: list[list[str]]) -> list[tuple[str, str, str, int | None]]:
     """(model, task, method, budget) of every results folder the jobs write, via the runner's grid expansion."""
-    from rocketkv.methods import METHODS
-    from rocketkv.runner import grid_configs
+    from rocketkv.core.methods import METHODS
+    from rocketkv.harness.runner import grid_configs
 
     out = []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -286,7 +286,7 @@ def test_paper_grid_expands_to_the_paper_cells():
 
 
 def test_cpu_needle_grid_cells_are_valid():
-    from rocketkv.methods import make_method
+    from rocketkv.core.methods import make_method
 
     jobs = _sweep_jobs("cpu_needle_grid")
     assert len(jobs) == 6

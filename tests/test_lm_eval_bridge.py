@@ -14,8 +14,8 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from rocketkv.lm_eval_model import RocketKVLM  # noqa: E402
-from rocketkv.models import build_tiny_random  # noqa: E402
+from rocketkv.harness.lm_eval_model import RocketKVLM  # noqa: E402
+from rocketkv.harness.models import build_tiny_random  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "lm_eval"
@@ -121,7 +121,7 @@ def compose(tmp_path, *extra):
 
 
 def test_runner_writes_lm_eval_metrics(tmp_path):
-    from rocketkv.runner import run
+    from rocketkv.harness.runner import run
 
     [metrics] = run(compose(tmp_path, "method=rocketkv", "budget=64"))
     out = Path(metrics["run"]["results_dir"])
@@ -145,7 +145,7 @@ def test_runner_sample_matches_lm_eval_request():
     from omegaconf import OmegaConf
 
     from evals.lm_eval_task import LmEvalTask
-    from rocketkv.models import tiny_tokenizer
+    from rocketkv.harness.models import tiny_tokenizer
 
     task = LmEvalTask(OmegaConf.create({"names": [GEN_TASK], "include_path": str(FIXTURES), "include_defaults": False}))
     samples = task.samples(tiny_tokenizer(), 8192)
@@ -160,7 +160,7 @@ def test_loglikelihood_tasks_refused_by_lm_eval_task():
     from omegaconf import OmegaConf
 
     from evals.lm_eval_task import LmEvalTask
-    from rocketkv.models import tiny_tokenizer
+    from rocketkv.harness.models import tiny_tokenizer
 
     task = LmEvalTask(OmegaConf.create({"names": [LL_TASK], "include_path": str(FIXTURES), "include_defaults": False}))
     with pytest.raises(ValueError, match=r"rocketkv_copy_ll.*'loglikelihood'"):

@@ -99,8 +99,8 @@ def test_chat_policy_max_new_tokens_and_stop_per_subset(fixture_samples):
 
 
 def test_runner_token_ids_follow_the_chat_policy(fixture_samples):
-    from rocketkv.models import tiny_tokenizer
-    from rocketkv.prompting import prompt_token_ids
+    from rocketkv.harness.models import tiny_tokenizer
+    from evals.prompting import prompt_token_ids
 
     tok = tiny_tokenizer()
     trec = sample_of(fixture_samples, "trec")

@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from rocketkv.cache import CompressedLayer
-from rocketkv.methods import make_method
-from rocketkv.methods import base
-from rocketkv.methods.base import attend_indices as _attend_indices
-from rocketkv.session import GenerationState
+from rocketkv.core.cache import CompressedLayer
+from rocketkv.core.methods import make_method
+from rocketkv.core.methods import ops
+from rocketkv.core.methods.ops import attend_indices as _attend_indices
+from rocketkv.core.state import GenerationState
 
 # (B, Hkv, g, d): g = 1 (MHA) and g > 1 (GQA), odd head dims too
 SHAPES = [(1, 2, 4, 32), (2, 3, 1, 16), (1, 1, 3, 8), (2, 2, 2, 12)]
@@ -52,7 +52,7 @@ def grow_cache(layer, K, V, extra_k, extra_v, steps):
 def spy_indices(monkeypatch, module_name):
     """Record the slot indices a method's decode hands to ``attend_indices``."""
     seen = []
-    mod = importlib.import_module(f"rocketkv.methods.{module_name}")
+    mod = importlib.import_module(f"rocketkv.core.methods.{module_name}")
 
     def spy(layer, q, idx, upto, scaling):
         seen.append(idx.clone())
@@ -491,38 +491,31 @@ def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget)
         raise AssertionError("a decode step read a tensor back to the host")
 
     with monkeypatch.context() as patch:
-        patch.setattr(base, "host_reads_are_cheap", lambda device: False)  # as on a GPU
         for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
             patch.setattr(torch.Tensor, attr, host_read)
         m.index(layer, plan, layer.stored)
         out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), layer.stored, plan, d ** -0.5)
-        layer.state.record(0, cost.attended, cost.elements)
+        layer.state.stats.record(0, cost)
     assert out.shape == (b, hkv, g, d) and 0 < float(cost.attended) <= layer.stored
-    assert layer.state.stats()["attended_tokens"] == float(cost.attended)
+    assert layer.state.summary()["attended_tokens"] == float(cost.attended)
 
 
 # ====================================================================== attending selected slots
 @pytest.mark.parametrize("rows_share_a_set", [True, False])
-def test_attend_indices_over_the_union_of_the_selections_equals_each_rows_own_softmax(monkeypatch, rows_share_a_set):
-    """On CPU ``attend_indices`` gathers the union of the rows' selections once per KV head and attends it under a
-    mask; each row must still get exact softmax attention over its own slots (pads -1 ignored), the same as
-    attending every slot under a mask."""
-    b, hkv, rows, d, slots, k = 2, 3, 12, 16, 300, 40
+@pytest.mark.parametrize("k", [4, 40])  # a gather of the selected rows; all slots under a selection mask
+def test_attend_indices_equals_each_rows_own_softmax(rows_share_a_set, k):
+    """``attend_indices`` gathers small selections and masks large ones; either way each query row gets exact
+    softmax attention over its own selected slots (pads -1 ignored)."""
+    b, hkv, rows, d, slots = 2, 3, 4, 16, 300
     gen = _gen(21)
     m = make_method("topk", 64, kernels="torch")
     layer, K, V = make_layer(m, b, hkv, 1, d, slots, seed=22)
     q = torch.randn(b, hkv, rows, d, generator=gen)
-    idx = torch.empty(b, hkv, 1 if rows_share_a_set else rows, k, dtype=torch.long)
-    for bi in range(b):
-        for kh in range(hkv):
-            pool = torch.randperm(slots, generator=gen)[:60 + 20 * kh]  # small unions, of different sizes
-            for r in range(idx.shape[2]):
-                idx[bi, kh, r] = pool[torch.randperm(pool.numel(), generator=gen)[:k]]
-    idx[..., -3:] = -1  # pads
-    monkeypatch.setattr(base, "UNION_MIN_SLOTS", slots)
-    union_keys, _, renumbered, n_union = base._union_of_selections(layer.keys, layer.values, idx, slots)
-    assert n_union < slots // base.UNION_FRACTION and union_keys.shape[2] == n_union
-    assert torch.equal(renumbered < 0, idx < 0)
+    idx = torch.stack([torch.randperm(slots, generator=gen)[:k] for _ in range(b * hkv * (1 if rows_share_a_set
+                                                                                            else rows))])
+    idx = idx.view(b, hkv, 1 if rows_share_a_set else rows, k)
+    idx[..., -2:] = -1  # pads
+    assert (idx.shape[2] * k * ops.MASKED_ATTENTION_FRACTION >= slots) == (k == 40)  # both paths are exercised
     out = _attend_indices(layer, q, idx, slots, d ** -0.5)
     for bi in range(b):
         for kh in range(hkv):
@@ -531,5 +524,3 @@ def test_attend_indices_over_the_union_of_the_selections_equals_each_rows_own_so
                 sel = sel[sel >= 0]
                 ref = ref_attend(q[bi, kh, r].double(), K[bi, kh, sel].double(), V[bi, kh, sel].double(), d ** -0.5)
                 torch.testing.assert_close(out[bi, kh, r].double(), ref, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(base, "host_reads_are_cheap", lambda device: False)
-    torch.testing.assert_close(_attend_indices(layer, q, idx, slots, d ** -0.5), out, atol=1e-6, rtol=1e-5)

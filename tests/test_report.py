@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from rocketkv.report import (
+from rocketkv.harness.report import (
     LEADERBOARD_COLUMNS, collect_results, grid_status, load_results, paired_bootstrap_ci, read_grid_spec,
     update_leaderboard, write_leaderboard,
 )
-from rocketkv.report.atomic import atomic_write
-from rocketkv.report.cli import main
-from rocketkv.report.frames import TIDY_COLUMNS
-from rocketkv.report.tables import plain_markdown, score_pivots
+from rocketkv.harness.report.atomic import atomic_write
+from rocketkv.harness.report.cli import main
+from rocketkv.harness.report.frames import TIDY_COLUMNS
+from rocketkv.harness.report.tables import plain_markdown, score_pivots
 
 NEEDLE_LENGTHS = [1000, 2000]
 NEEDLE_DEPTHS = [0.0, 0.5, 1.0]

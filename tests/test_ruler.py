@@ -16,8 +16,8 @@ from evals.ruler import task as task_module
 from evals.ruler.metrics import string_match_all, string_match_part
 from evals.ruler.task import RulerTask
 from evals.ruler.templates import QA_TASKS, TASKS
-from rocketkv.models import tiny_tokenizer
-from rocketkv.prompting import prompt_token_ids
+from rocketkv.harness.models import tiny_tokenizer
+from evals.prompting import prompt_token_ids
 
 FIXTURE_QA = Path(__file__).resolve().parent / "fixtures" / "ruler_qa"
 REAL_SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"

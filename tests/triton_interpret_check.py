@@ -1,4 +1,4 @@
-"""Triton-vs-torch agreement checks for rocketkv.kernels.
+"""Triton-vs-torch agreement checks for rocketkv.core.kernels.
 
 On CPU this must run with TRITON_INTERPRET=1 set before triton is imported, so
 tests/test_kernels.py launches it as a subprocess:
@@ -28,7 +28,7 @@ PAGE_CASES = [
     (2, 3, 4, 32, 100, 32),
     (1, 2, 4, 64, 129, 7),
     (1, 1, 3, 16, 5, 16),
-    (1, 3, 48, 64, 20, 9),  # decode_many folds 16 tokens x 3 heads into the group axis
+    (1, 3, 48, 64, 20, 9),  # a wide group (more query rows than one block)
 ]
 # (batch, kv_heads, group, head_dim, stored_tokens, selected)
 SPARSE_CASES = [
@@ -85,7 +85,7 @@ def _compare(name, got, want, atol):
 
 
 def check_page_scores(device, dtype):
-    from rocketkv import kernels
+    from rocketkv.core import kernels
 
     results = []
     for case in PAGE_CASES:
@@ -112,7 +112,7 @@ def check_page_scores(device, dtype):
 
 
 def check_sparse_decode(device, dtype):
-    from rocketkv import kernels
+    from rocketkv.core import kernels
 
     results = []
     for case in SPARSE_CASES:
@@ -131,7 +131,7 @@ def check_sparse_decode(device, dtype):
     results.append(_compare(f"sparse_decode_attention strided {dtype}", got, want, TOLERANCE[dtype]))
 
     # Few chunks per head, so each program runs the online softmax over several tiles.
-    from rocketkv.kernels import triton_decode
+    from rocketkv.core.kernels import triton_decode
 
     q, keys, values, indices = make_sparse_inputs(1, 2, 4, 32, 200, 150, dtype, device, seed=3)
     want = kernels.sparse_decode_attention(q, keys, values, indices, 0.15, backend="torch")

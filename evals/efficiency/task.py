@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 
-from evals.base import Sample, Task, check_lengths_fit, stable_hash
+from evals.base import Sample, Task, check_lengths_fit, int_list, int_option, stable_hash
 
 MIB = 2**20
 WARMUP = "warmup"
@@ -46,25 +46,16 @@ def decode_steps(record: dict) -> int:
 class EfficiencyTask(Task):
     name = "efficiency"
     ignore_eos = True
-    times_each_cell = True
     score_name = "decode tok/s"
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        lengths = cfg.get("lengths", [1024, 2048])
-        lengths = [lengths] if isinstance(lengths, int) else list(lengths or [])
-        if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in lengths):
-            raise ValueError(f"task.lengths={lengths} is not valid; give prompt lengths of at least 64 tokens, "
-                             "e.g. task.lengths=[1024,2048]")
-        self.lengths = [int(n) for n in lengths]
-        self.repeats = int(cfg.get("repeats", 1))
-        self.seed = int(cfg.get("seed", 0))
-        self.max_new_tokens = int(cfg.get("max_new_tokens", 50))
+        self.lengths = int_list("lengths", cfg.get("lengths", [1024, 2048]), 64, "[1024,2048]")
+        self.repeats = int_option("repeats", cfg.get("repeats", 1), 1)
+        self.seed = int_option("seed", cfg.get("seed", 0), 0)
+        # one timed decode step or more: the first new token comes from the last prompt token's step
+        self.max_new_tokens = int_option("max_new_tokens", cfg.get("max_new_tokens", 50), 2)
         self.warmup = bool(cfg.get("warmup", True))
-        if self.repeats < 1:
-            raise ValueError(f"task.repeats={self.repeats} must be >= 1")
-        if self.max_new_tokens < 2:
-            raise ValueError(f"task.max_new_tokens={self.max_new_tokens} must be >= 2 (one timed decode step or more)")
 
     def validate(self, model_max_len: int) -> None:
         check_lengths_fit(self.lengths, self.max_new_tokens, model_max_len)

@@ -182,7 +182,7 @@ class LongBenchTask(Task):
             "metrics": {s: SUBSET_METRICS[s].__name__ for s in subsets},
             "sample_score": "100 * max over references",
             "truncation": "middle of the raw prompt to model_max_len - max_new_tokens - template tokens, "
-                          "before the chat template (rocketkv.prompting)",
+                          "before the chat template (evals.prompting)",
             "lb_avg": "mean of the English task scores present, excluding " + ", ".join(sorted(LB_AVG_EXCLUDED)),
             "data": self._data_protocol(subsets),
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from evals.base import Sample, Task, check_lengths_fit
+from evals.base import Sample, Task, check_lengths_fit, int_list, int_option
 from evals.haystack import HAYSTACKS, haystack_ids
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -30,22 +30,19 @@ class NeedleTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.lengths = [int(x) for x in cfg.get("lengths", [1000, 2000, 4000])]
-        self.depths = [float(x) for x in cfg.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0])]
-        self.repeats = int(cfg.get("repeats", 1))
+        self.lengths = int_list("lengths", cfg.get("lengths", [1000, 2000, 4000]), 64, "[1000,2000]")
+        depths = list(cfg.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0]))
+        if not depths or any(isinstance(d, (bool, str)) or not 0.0 <= d <= 1.0 for d in depths):
+            raise ValueError(f"task.depths={depths} is not valid; depths are fractions between 0 and 1, "
+                             "e.g. task.depths=[0.0,0.5,1.0]")
+        self.depths = [float(x) for x in depths]
+        self.repeats = int_option("repeats", cfg.get("repeats", 1), 1)
         self.haystack = str(cfg.get("haystack", "noise"))
-        self.seed = int(cfg.get("seed", 0))
-        self.max_new_tokens = int(cfg.get("max_new_tokens", 16))
+        self.seed = int_option("seed", cfg.get("seed", 0), 0)
+        self.max_new_tokens = int_option("max_new_tokens", cfg.get("max_new_tokens", 16), 1)
         self.chat_template = bool(cfg.get("chat_template", False))
         if self.haystack not in HAYSTACKS:
             raise ValueError(f"task.haystack={self.haystack!r} is not valid; use one of {HAYSTACKS}")
-        bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
-        if bad:
-            raise ValueError(f"task.depths {bad} are not valid; depths are fractions between 0 and 1")
-        if not self.lengths or min(self.lengths) < 64:
-            raise ValueError(f"task.lengths={self.lengths} is not valid; give lengths of at least 64 tokens")
-        if self.repeats < 1:
-            raise ValueError(f"task.repeats={self.repeats} must be >= 1")
 
     def validate(self, model_max_len: int) -> None:
         check_lengths_fit(self.lengths, self.max_new_tokens, model_max_len)

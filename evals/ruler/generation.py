@@ -1,7 +1,7 @@
 """Fitting a generated prompt to its token budget, as RULER does: binary search on the haystack size.
 
 Length definition (RULER's): the final prompt, counted in the model's tokens exactly as the runner builds it
-(``rocketkv.prompting.prompt_token_ids`` with the chat template when the tokenizer has one, then the answer
+(``evals.prompting.prompt_token_ids`` with the chat template when the tokenizer has one, then the answer
 prefix), plus the task's ``max_new_tokens``, is at most ``max_seq_length``.  The haystack size is the largest that
 satisfies this, so the total normally lands in the last 10% below ``max_seq_length``.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from evals.base import Sample
-from rocketkv.prompting import prompt_token_ids
+from evals.prompting import prompt_token_ids
 
 log = logging.getLogger(__name__)
 

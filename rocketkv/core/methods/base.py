@@ -1,0 +1,114 @@
+"""The contract every KV method implements.
+
+A method is a small dataclass registered by name (``@register``), with its options as fields and one config
+file, ``conf/method/<name>.yaml``.  It is built once per run (``make_method``) and holds no per-sample state:
+what it needs for one sample lives in that sample's ``plan``, and what it keeps for one layer lives in that
+layer's cache (``CompressedLayer``).  The session calls its hooks; nothing outside a method's own module
+knows its name.
+
+The hooks, in the order the session calls them for one sample:
+
+``plan(prompt_len, max_new_tokens, head_dim, model_max_len, group_size) -> dict``
+    Pure and cheap: the concrete parameters for this sample's lengths (selection sizes, page size, ...), all
+    JSON-serialisable (every prediction records them).  Raise ``ValueError`` naming the budget and what would
+    work when the budget cannot serve the sample.  ``plan["dense"] = True`` says the method keeps every token
+    and attends to every stored slot at every step: the session then runs the sample as full KV, bit for bit.
+
+``compress(layer, q_window, prompt_len, plan, scaling)``
+    Once per layer, after the exact dense prefill of slots ``[0, prompt_len)``.  ``q_window``
+    (``[B, Hkv, g, n, d]``, ``n >= window``) holds that prefill's last queries.  Evict with
+    ``layer.keep(slots, visible)``; leave the layer alone to keep everything.
+
+``index(layer, plan, upto)``
+    Before each decode step: bring the method's metadata in ``layer.meta`` up to stored slots ``[0, upto)``.
+
+``decode(layer, q, upto, plan, scaling) -> (out, StepCost)``
+    One decode step of one layer: ``q`` is ``[B, Hkv, g, d]`` (the g query heads of each KV head, so K/V are
+    never repeated per query head); attend over stored slots ``[0, upto)`` and return ``[B, Hkv, g, d]`` and
+    what the step read.  A step must not read tensors back to the host (that stalls a GPU once per layer):
+    data-dependent counts in ``StepCost`` stay device scalars.
+
+What a method may use of a layer: ``keys``, ``values`` (``[B, Hkv, S, d]``, keys post-RoPE), ``positions``
+(original token positions), ``visible`` (per-head visibility or None), ``stored`` (S), ``keep(...)`` and
+``meta`` (its own dict).  Shared building blocks (exact attention over selected slots, top-k, SnapKV window
+scores, page min/max keys) are in ``rocketkv.core.methods.ops`` and ``rocketkv.core.methods.pages``.
+``docs/adding-a-method.md`` walks through a new method end to end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rocketkv.core.cache import CompressedLayer
+from rocketkv.core.methods.ops import StepCost, dense_decode
+
+__all__ = ["METHODS", "MIN_BUDGET", "Method", "StepCost", "option_names", "register"]
+
+METHODS: dict[str, type["Method"]] = {}
+
+MIN_BUDGET = 16
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Method:
+    """Base class: dense attention over every stored slot, nothing evicted.
+
+    ``budget`` is the paper's token budget ``t``: per KV group, K+V traffic of one decode step in
+    token-equivalents, approximation traffic included.
+    """
+
+    budget: int | None = None
+    window: int = 32
+    decode_last_prompt_token: bool = True
+    skip_layers: int = 0
+    kernels: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    name = ""
+    uses_budget = True
+    is_reference = False  # the dense baseline other methods are compared with (full KV)
+
+    def __post_init__(self):
+        if self.extra:
+            raise ValueError(f"method {self.name!r}: unknown options {sorted(self.extra)}; valid: "
+                             f"{sorted(option_names(type(self)))}")
+        if self.uses_budget:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+                raise ValueError(f"budget={self.budget!r} is not valid for method {self.name!r}: "
+                                 f"give a positive integer number of tokens (>= {MIN_BUDGET})")
+            if self.budget < MIN_BUDGET:
+                raise ValueError(f"budget={self.budget} is below the minimum of {MIN_BUDGET} tokens "
+                                 f"for method {self.name!r}")
+        for option in ("window", "skip_layers"):
+            value = getattr(self, option)
+            least = 1 if option == "window" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"method {self.name!r}: {option}={value!r} is not valid; give an integer >= {least}")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch or triton")
+
+    def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
+             group_size: int = 1) -> dict:
+        return {}
+
+    def compress(self, layer: CompressedLayer, q_window: torch.Tensor, prompt_len: int, plan: dict,
+                 scaling: float) -> None:
+        pass
+
+    def index(self, layer: CompressedLayer, plan: dict, upto: int | None = None) -> None:
+        pass
+
+    def decode(self, layer: CompressedLayer, q: torch.Tensor, upto: int, plan: dict,
+               scaling: float) -> tuple[torch.Tensor, StepCost]:
+        return dense_decode(layer, q, upto, scaling)
+
+
+def option_names(cls: type[Method]) -> set[str]:
+    return set(cls.__dataclass_fields__) - {"extra"}

@@ -1,0 +1,128 @@
+"""Building blocks the methods share: dense and selected-slot attention, top-k, SnapKV window scores, counts.
+
+Queries use the grouped layout ``[B, Hkv, g, d]``: the g query heads of a KV head share one K/V read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rocketkv.core.cache import CompressedLayer, gather_slots
+
+MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once G·k >= slots / this
+
+
+@dataclass
+class StepCost:
+    """What one decode step of one layer touched, per sequence.  Data-dependent counts stay 0-dim float64
+    tensors on the device (reading them on the host every layer would stall a GPU decode)."""
+
+    attended: float | torch.Tensor  # tokens attended, mean over query heads
+    elements: float | torch.Tensor  # K/V and metadata elements read, summed over KV heads
+
+
+def seq_len_for_plan(prompt_len: int, max_new_tokens: int, model_max_len: int | None) -> int:
+    total = prompt_len + max_new_tokens
+    return min(total, model_max_len) if model_max_len else total
+
+
+def covers_sequence(tokens: int, prompt_len: int, max_new_tokens: int) -> bool:
+    """Whether ``tokens`` selected slots include every slot any decode step of this sample can see."""
+    return tokens >= prompt_len + max_new_tokens
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def visible_mask(layer: CompressedLayer, upto: int) -> torch.Tensor | None:
+    """``[B,Hkv,g,upto]`` per-head visibility, or None when every slot is visible to every head."""
+    return None if layer.visible is None else layer.visible[..., :upto]
+
+
+def mean_count(counts: torch.Tensor) -> torch.Tensor:
+    """The mean of integer counts as a float64 scalar on the device."""
+    return counts.float().mean().double()
+
+
+def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Distinct valid slots per ``[B,Hkv]`` over the trailing axes of ``idx`` (``[B,Hkv,...]``, -1 pads)."""
+    b, hkv = idx.shape[:2]
+    hit = torch.zeros(b, hkv, n_slots + 1, dtype=torch.bool, device=idx.device)
+    hit.scatter_(-1, idx.reshape(b, hkv, -1).clamp(min=-1) + 1, True)  # -1 pads land in column 0, dropped
+    return hit[..., 1:].sum(-1)
+
+
+def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: int, scaling: float) -> tuple[torch.Tensor, StepCost]:
+    k, v = layer.keys[:, :, :upto], layer.values[:, :, :upto]
+    vis = visible_mask(layer, upto)
+    # The g query heads of a group stand in the query-length axis: one K/V read serves them all.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scaling)
+    attended = float(upto) if vis is None else mean_count(vis.sum(-1))
+    hkv, d = k.shape[1], k.shape[-1]
+    return out, StepCost(attended, float(upto * 2 * d * hkv))
+
+
+def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, upto: int,
+                   scaling: float) -> torch.Tensor:
+    """Exact softmax attention over selected slots.
+
+    ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
+    Small selections gather only their rows of K/V; once the gathered rows (G·k) reach a sixteenth of the
+    slots, streaming all of K/V under a selection mask is cheaper than the gather (same result up to rounding).
+    """
+    b, hkv, g, d = q.shape
+    G, kk = idx.shape[2], idx.shape[3]
+    if G * kk * MASKED_ATTENTION_FRACTION >= upto:
+        # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost
+        selected = torch.full((b, hkv, G, upto + 1), float("-inf"), dtype=q.dtype, device=idx.device)
+        selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
+        return F.scaled_dot_product_attention(q, layer.keys[:, :, :upto], layer.values[:, :, :upto],
+                                              attn_mask=selected[..., 1:], scale=scaling)
+    safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
+    k_sel = gather_slots(layer.keys[:, :, :upto], safe).view(b, hkv, G, kk, d)
+    v_sel = gather_slots(layer.values[:, :, :upto], safe).view(b, hkv, G, kk, d)
+    logits = torch.einsum("bhgd,bhgkd->bhgk", q.float(), k_sel.float().expand(b, hkv, g, kk, d)) * scaling
+    logits = logits.masked_fill((idx < 0).expand(b, hkv, g, kk), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float().expand(b, hkv, g, kk, d))
+    return out.to(q.dtype)
+
+
+def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best slots along the last axis, in no particular order; -inf scores never count
+    (returned as -1)."""
+    k = min(k, scores.shape[-1])
+    vals, idx = scores.topk(k, dim=-1, sorted=False)
+    return idx.masked_fill(torch.isneginf(vals), -1)
+
+
+def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,
+                  scaling: float) -> torch.Tensor:
+    """SnapKV scores ``[B,Hkv,g,L-w]``: post-softmax attention of the last ``w`` prompt queries, summed over them."""
+    q_win = q_window[..., -window:, :].float()
+    k = keys[:, :, :prompt_len].float()
+    logits = torch.einsum("bhgwd,bhsd->bhgws", q_win, k) * scaling
+    q_pos = torch.arange(prompt_len - window, prompt_len, device=k.device)
+    k_pos = torch.arange(prompt_len, device=k.device)
+    logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=-2)[..., : prompt_len - window]
+
+
+def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool along the last axis with stride 1 and the same length (odd kernel)."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    pooled = F.max_pool1d(scores.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(shape)
+
+
+def keep_selection(layer: CompressedLayer, chosen: torch.Tensor, tail_start: int) -> None:
+    """Keep ``chosen`` (``[B,Hkv,m]``) prefix slots, in position order, and every slot from ``tail_start`` on."""
+    b, hkv = chosen.shape[:2]
+    tail = torch.arange(tail_start, layer.stored, device=chosen.device).expand(b, hkv, -1)
+    slots = torch.cat([chosen.sort(dim=-1).values, tail], dim=-1)
+    layer.keep(slots)

@@ -1,0 +1,57 @@
+"""Quest: pages with min/max keys; per step an upper bound per page, the best pages of each KV group attended exactly.
+
+Budget split evenly: the approximation reads ``(S/p)·2d`` elements = ``t·d``, so ``p = ⌈2S/t⌉``, and the
+attended tokens are ``k = t/2``.  ``page_size`` overrides ``p`` (original Quest: 16, budget = attended tokens).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from rocketkv.core import kernels
+from rocketkv.core.methods.base import Method, StepCost, register
+from rocketkv.core.methods.ops import (attend_indices, ceil_div, covers_sequence, mean_count, seq_len_for_plan,
+                                       topk_slots)
+from rocketkv.core.methods.pages import index_pages
+
+
+def selected_pages(topk: int, page_size: int) -> int:
+    return max(1, topk // page_size)
+
+
+def page_slots(pages: torch.Tensor, page_size: int, limit) -> torch.Tensor:
+    """The slots of the chosen ``pages`` (``[..., m]``, -1 pads) as ``[..., m·p]``; pad pages and slots at or past
+    ``limit`` (an int, or a tensor broadcasting over the leading axes) become -1."""
+    slots = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+    padded = (pages.unsqueeze(-1) < 0).expand(*pages.shape, page_size).flatten(-2)
+    return slots.masked_fill(padded | (slots >= limit), -1)
+
+
+@register
+@dataclass
+class Quest(Method):
+    name = "quest"
+    page_size: int | None = None
+
+    def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
+        if self.page_size is not None:
+            page_size, topk = self.page_size, self.budget
+        else:
+            s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
+            page_size, topk = max(1, ceil_div(2 * s, self.budget)), self.budget // 2
+        attended = selected_pages(topk, page_size) * page_size
+        return {"page_size": page_size, "topk": topk, "dense": covers_sequence(attended, prompt_len, max_new_tokens)}
+
+    def index(self, layer, plan, upto=None):
+        index_pages(layer, plan["page_size"], upto)
+
+    def decode(self, layer, q, upto, plan, scaling):
+        p = plan["page_size"]
+        n_pages = ceil_div(upto, p)
+        pmin, pmax = layer.meta["page_min_t"][..., :n_pages], layer.meta["page_max_t"][..., :n_pages]
+        bounds = kernels.quest_page_scores(q, pmin, pmax, backend=self.kernels)  # [B,Hkv,g,P]
+        group_bounds = bounds.sum(dim=2, keepdim=True)  # pages chosen per KV group
+        slots = page_slots(topk_slots(group_bounds, selected_pages(plan["topk"], p)), p, upto)  # [B,Hkv,1,m·p]
+        out = attend_indices(layer, q, slots, upto, scaling)
+        hkv, d = q.shape[1], q.shape[-1]
+        attended = mean_count((slots >= 0).sum(-1))
+        return out, StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))

@@ -1,0 +1,55 @@
+"""SparQ: approximate scores on the top-r channels of |q|, exact attention on the top-k tokens, mean-value
+reallocation ``y = α·y_k + (1−α)·mean(V)``.  Budget: ``r = max(1, round(d·t/S))``, ``k = t/2``."""
+from dataclasses import dataclass
+
+import torch
+
+from rocketkv.core.methods.base import Method, StepCost, register
+from rocketkv.core.methods.ops import (attend_indices, covers_sequence, mean_count, seq_len_for_plan, topk_slots,
+                                       union_count, visible_mask)
+
+
+def sparq_temperature(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """``sqrt(d · ‖q_I‖₁ / ‖q‖₁)`` per head; ``channels`` indexes the last axis of ``q``."""
+    abs_q = q.float().abs()
+    return torch.sqrt(q.shape[-1] * abs_q.gather(-1, channels).sum(-1) / abs_q.sum(-1).clamp_min(1e-30))
+
+
+@register
+@dataclass
+class SparQ(Method):
+    name = "sparq"
+
+    def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
+        s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
+        topk = self.budget // 2
+        return {"channels": min(head_dim, max(1, round(head_dim * self.budget / s))), "topk": topk,
+                "dense": covers_sequence(topk, prompt_len, max_new_tokens)}
+
+    def decode(self, layer, q, upto, plan, scaling):
+        b, hkv, g, d = q.shape
+        keys = layer.keys[:, :, :upto].float()
+        channels = q.abs().topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,g,r], per head
+        q_on_channels = torch.zeros_like(q, dtype=torch.float32).scatter_(-1, channels, q.float().gather(-1, channels))
+        logits = torch.einsum("bhgd,bhsd->bhgs", q_on_channels, keys).div_(sparq_temperature(q, channels)[..., None])
+        vis = visible_mask(layer, upto)
+        if vis is not None:
+            logits.masked_fill_(~vis, float("-inf"))
+        approx = torch.softmax(logits, dim=-1)
+        idx = topk_slots(logits, plan["topk"])  # [B,Hkv,g,k]: softmax keeps the order, and -inf marks hidden slots
+        y_k = attend_indices(layer, q, idx, upto, scaling).float()
+        chosen = idx >= 0
+        alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
+        n_visible = upto if vis is None else vis.sum(-1, keepdim=True)
+        # a head that chose every visible token attends exactly: no reallocation
+        alpha = alpha.masked_fill(chosen.sum(-1, keepdim=True) >= n_visible, 1.0)
+        values = layer.values[:, :, :upto].float()
+        if vis is None:
+            mean_v = values.mean(dim=2, keepdim=True)  # [B,Hkv,1,d]
+        else:
+            mean_v = torch.einsum("bhgs,bhsd->bhgd", vis.float(), values) / n_visible
+        out = alpha * y_k + (1 - alpha) * mean_v
+        union_channels = union_count(channels, d).float().sum().double() / b
+        union_tokens = union_count(idx, upto).float().sum().double() / b
+        cost = StepCost(mean_count(chosen.sum(-1)), union_channels * upto + union_tokens * 2 * d + hkv * d)
+        return out.to(q.dtype), cost

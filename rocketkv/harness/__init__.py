@@ -1,0 +1,2 @@
+"""The evaluation harness around the core: CLI, cells, runner, shared prefill, generation, models, results,
+lm-eval bridge and report."""

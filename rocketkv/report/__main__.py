@@ -1,5 +1,0 @@
-import sys
-
-from rocketkv.report.cli import main
-
-sys.exit(main())
