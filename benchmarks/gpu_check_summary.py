@@ -11,7 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-from evals.efficiency.task import cell_label, cells_by_length, ratio
+from evals.efficiency.floor import floor_ms_per_step
+from evals.efficiency.table import cell_label, cells_by_length, ratio
 
 
 def step_rows(steps_tsv: Path) -> list[list[str]]:
@@ -58,13 +59,15 @@ def efficiency_rows(results: Path) -> list[list[str]]:
     rows = []
     for length, m, e, ref in cells_by_length(metrics):
         speed = e.get("decode_tokens_per_s")
+        floor = floor_ms_per_step(m.get("context") or {}, e.get("bytes_read_per_step"), e.get("batch", 1))
         result = (f"{speed:.1f} tok/s ({ratio(speed, ref.get('decode_tokens_per_s'))} full), "
-                  f"{e['ms_per_step']:.2f} ms/step; "
+                  f"{e['ms_per_step']:.2f} ms/step = {ratio(e['ms_per_step'], floor)} floor; "
                   f"read/step {ratio(e.get('bytes_read_per_step'), ref.get('bytes_read_per_step'), 3)}, "
                   f"stored KV {ratio(e.get('stored_kv_bytes'), ref.get('stored_kv_bytes'), 3)}, "
                   f"peak mem {ratio(e.get('decode_peak_mem_bytes'), ref.get('decode_peak_mem_bytes'))}"
                   if speed else "no timing")
-        rows.append([f"  {m['run']['model']} len={length} {cell_label(m)}", "ok", "", result])
+        rows.append([f"  {m['run']['model']} len={length} batch={e.get('batch', 1)} {cell_label(m)}", "ok", "",
+                     result])
     return rows
 
 

@@ -25,7 +25,8 @@ class Sample:
     subtask: str = ""  # LongBench subset, RULER task, needle cell ...
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras the scorer and report use
     answer_prefix: str = ""  # text appended after the chat template (RULER's answer prefixes)
-    prompt_ids: list[int] | None = None  # exact prompt token ids, used as they are (no template, no truncation)
+    # exact prompt token ids, used as they are (no template, no truncation); a list of equal-length rows is a batch
+    prompt_ids: list[int] | list[list[int]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +65,8 @@ class Task(ABC):
     ignore_eos: bool = False
     # What the headline ``score`` measures, as the runner prints it.
     score_name: str = "score"
+    # The score says how well a model answers, so models with random weights (speed studies) are refused.
+    measures_accuracy: bool = True
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -93,6 +96,11 @@ class Task(ABC):
         The default is the mean over subtasks of the mean per subtask.
         """
         return mean_over_subtasks(records)
+
+    def context(self, model) -> dict:
+        """Facts about the loaded model and its device that the task's numbers need (measured once per run, saved
+        in every cell's ``metrics.json`` under ``context``); none by default."""
+        return {}
 
     def protocol(self) -> dict:
         """Everything that defines the task's prompts and scoring; hashed into every result."""

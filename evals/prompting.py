@@ -42,6 +42,22 @@ def prompt_token_ids(tokenizer: Any, sample: Sample, model_chat: bool, model_max
     return _wrap(tokenizer, text, chat, sample.answer_prefix)
 
 
+def prompt_rows(tokenizer: Any, sample: Sample, model_chat: bool, model_max_len: int) -> list[list[int]]:
+    """The token ids of every row of the sample: one row, or ``prompt_ids``' rows for a batch of equal-length
+    prompts (``task=efficiency``)."""
+    ids = sample.prompt_ids
+    if ids and isinstance(ids[0], (list, tuple)):
+        rows = [[int(i) for i in row] for row in ids]
+        if len({len(row) for row in rows}) != 1:
+            raise ValueError(f"sample {sample.id!r}: the rows of a batch must have equal lengths, got "
+                             f"{sorted({len(row) for row in rows})}")
+        if len(rows[0]) + sample.max_new_tokens > model_max_len:
+            raise ValueError(f"sample {sample.id!r}: {len(rows[0])} prompt tokens plus {sample.max_new_tokens} new "
+                             f"tokens exceed the model's max length {model_max_len}")
+        return rows
+    return [prompt_token_ids(tokenizer, sample, model_chat, model_max_len)]
+
+
 def _wrap(tokenizer: Any, text: str, chat: bool, answer_prefix: str) -> list[int]:
     if chat:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,

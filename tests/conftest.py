@@ -59,3 +59,11 @@ def prompt_logits(model, cache, ids):
     """Logits after the prompt, fed whole into ``cache``."""
     with torch.no_grad():
         return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def stored(layer, name):
+    """A cache layer's ``keys``/``values``/``positions``/``visible`` cut to its stored slots (buffers hold more)."""
+    t = getattr(layer, name)
+    if t is None:
+        return None
+    return t[:, :, :layer.stored] if name in ("keys", "values") else t[..., :layer.stored]

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from conftest import REPO, peaky_model
+from conftest import REPO, peaky_model, stored
 from rocketkv.core import METHODS, compress, make_method
 from test_cache import PROMPT_LEN, assert_equals_masked_full_attention, prompt, run
 
@@ -28,7 +28,7 @@ def test_the_example_keeps_sinks_and_the_recent_window_and_decodes_exactly(sinks
     split = PROMPT_LEN - 1  # eviction runs over prompt[:-1]; the last prompt token is the first decode step
     kept = list(range(4)) + list(range(split - 20, PROMPT_LEN + 6 - 1))
     for layer in cache.layers:
-        assert layer.positions[0].tolist() == [kept] * layer.positions.shape[1]
+        assert stored(layer, "positions")[0].tolist() == [kept] * layer.positions.shape[1]
     assert session.stats()["kept_tokens"] == 24
     assert_equals_masked_full_attention(model, ids, cache, tokens, logits)
 

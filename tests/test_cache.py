@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from conftest import greedy_steps, peaky_model, prompt_logits
+from conftest import greedy_steps, peaky_model, prompt_logits, stored
 from rocketkv.core.session import compress
 
 PROMPT_LEN, MAX_NEW = 90, 8
@@ -34,9 +34,9 @@ def test_rocketkv_cache_shrinks_to_prompt_budget():
     d, hkv = cfg.head_dim, cfg.num_key_value_heads
     # P prompt tokens kept from prompt[:-1]; the last prompt token and MAX_NEW - 1 fed tokens appended
     for layer in cache.layers:
-        assert layer.keys.shape == (1, hkv, P + MAX_NEW, d)
-        assert layer.values.shape == layer.keys.shape
-        assert layer.positions.shape == (1, hkv, P + MAX_NEW)
+        assert layer.stored == P + MAX_NEW
+        assert stored(layer, "keys").shape == (1, hkv, P + MAX_NEW, d)
+        assert layer.keys.shape[2] == layer.capacity >= P + MAX_NEW  # the buffer, with room for the planned steps
         assert layer.visible is None
         assert layer.get_seq_length() == PROMPT_LEN + MAX_NEW - 1
     assert cache.get_seq_length() == PROMPT_LEN + MAX_NEW - 1
@@ -58,9 +58,9 @@ def test_snapkv_head_cache_keeps_union_with_per_head_visibility():
     g = model.config.num_attention_heads // model.config.num_key_value_heads
     session, cache, _, _ = run(model, "snapkv", 40 * g, selection="head")
     for layer in cache.layers:
-        vis = layer.visible  # [1, Hkv, g, S]
+        vis = stored(layer, "visible")  # [1, Hkv, g, S]
         assert vis.shape[:3] == (1, model.config.num_key_value_heads, g) and vis.shape[-1] == layer.stored
-        in_prompt = layer.positions < PROMPT_LEN - 1
+        in_prompt = stored(layer, "positions") < PROMPT_LEN - 1
         per_head = (vis & in_prompt.unsqueeze(2)).sum(-1)
         assert (per_head == 40).all()  # each query head sees exactly t/g prompt tokens (window included)
         assert layer.stored <= 40 * g + MAX_NEW
@@ -74,9 +74,9 @@ def test_positions_are_original_positions(method, budget, opts):
     split = PROMPT_LEN - 1
     for layer in cache.layers:
         for kh in range(layer.positions.shape[1]):
-            pos = layer.positions[0, kh]
+            pos = stored(layer, "positions")[0, kh]
             if layer.visible is not None:
-                pos = pos[layer.visible[0, kh].any(0)]
+                pos = pos[stored(layer, "visible")[0, kh].any(0)]
             pos = pos.tolist()
             assert all(a < b for a, b in zip(pos, pos[1:]))  # strictly increasing
             prompt_part = [p for p in pos if p < split]
@@ -156,9 +156,9 @@ def assert_equals_masked_full_attention(model, ids, cache, tokens, logits):
         a = torch.zeros(1, model.config.num_attention_heads, total, dtype=torch.bool)
         for kh in range(layer.positions.shape[1]):
             for h in range(g):
-                pos = layer.positions[0, kh]
+                pos = stored(layer, "positions")[0, kh]
                 if layer.visible is not None:
-                    pos = pos[layer.visible[0, kh, h]]
+                    pos = pos[stored(layer, "visible")[0, kh, h]]
                 a[0, kh * g + h, pos] = True
         allowed[layer.layer_idx] = a
     _REF.update(allowed=allowed, split=split)
@@ -252,7 +252,7 @@ def _kv(seed, n=1):
 
 def test_forks_start_from_the_shared_prefill_and_never_write_it():
     source, state = _source_layer()
-    prefix_k, prefix_v = source.keys.clone(), source.values.clone()
+    prefix_k, prefix_v = stored(source, "keys").clone(), stored(source, "values").clone()
     a, b = _fork(source, state), _fork(source, state)
     assert a.keys.data_ptr() == source.keys.data_ptr() and a.stored == a.seen == 40  # read, not copied, until it grows
     fed_a, fed_b = _kv(1, 3), _kv(2, 5)
@@ -261,24 +261,25 @@ def test_forks_start_from_the_shared_prefill_and_never_write_it():
         b.update(fed_b[0][:, :, i:i + 1], fed_b[1][:, :, i:i + 1])
     for layer, (k, v) in ((a, fed_a), (b, fed_b)):
         assert layer.keys.data_ptr() != source.keys.data_ptr()  # its own buffers from the first append on
-        assert torch.equal(layer.keys, torch.cat([prefix_k, k], dim=2))
-        assert torch.equal(layer.values, torch.cat([prefix_v, v], dim=2))
-        assert layer.positions[0, 0].tolist() == list(range(40 + k.shape[2]))
-        assert layer.stored == layer.seen == 40 + k.shape[2]
-        assert layer.kv_bytes() == 2 * layer.keys.numel() * 4
-    assert torch.equal(source.keys, prefix_k) and torch.equal(source.values, prefix_v) and source.stored == 40
+        assert torch.equal(stored(layer, "keys"), torch.cat([prefix_k, k], dim=2))
+        assert torch.equal(stored(layer, "values"), torch.cat([prefix_v, v], dim=2))
+        assert stored(layer, "positions")[0, 0].tolist() == list(range(40 + k.shape[2]))
+        assert layer.stored == layer.seen == 40 + k.shape[2] == int(layer.length) == int(layer.seen_t)
+        assert layer.kv_bytes() == 2 * stored(layer, "keys").numel() * 4
+    assert torch.equal(stored(source, "keys"), prefix_k) and torch.equal(stored(source, "values"), prefix_v)
+    assert source.stored == 40
 
 
 def test_eviction_of_a_fork_gathers_its_own_slots():
     source, state = _source_layer()
-    prefix = source.keys.clone()
+    prefix = stored(source, "keys").clone()
     fork = _fork(source, state)
     fork.keep(torch.tensor([[[0, 5, 39], [1, 2, 3]]]))
     assert fork.stored == 3 and fork.keys.data_ptr() != source.keys.data_ptr()
-    assert torch.equal(fork.keys[0, 0], prefix[0, 0, [0, 5, 39]])
+    assert torch.equal(stored(fork, "keys")[0, 0], prefix[0, 0, [0, 5, 39]])
     fork.update(*_kv(8))
-    assert fork.positions[0, 0].tolist() == [0, 5, 39, 40]
-    assert torch.equal(source.keys, prefix) and source.stored == 40
+    assert stored(fork, "positions")[0, 0].tolist() == [0, 5, 39, 40]
+    assert torch.equal(stored(source, "keys"), prefix) and source.stored == 40
 
 
 def test_a_forks_decode_peak_leaves_out_the_shared_prefill():

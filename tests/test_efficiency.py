@@ -1,5 +1,6 @@
 """task=efficiency: random-token prompts, full-length decodes, the side-by-side table; benchmarks/gpu_check.sh."""
 import importlib.util
+import copy
 import json
 import os
 import subprocess
@@ -61,30 +62,27 @@ def test_default_grid_is_full_plus_every_method_at_256(compose_cfg):
     assert list(compose_cfg("model=tiny-random").grid.methods) == []  # other tasks keep the empty grid
 
 
-class AlwaysEos(torch.nn.Module):
-    """Predicts EOS at every step."""
-
-    def __init__(self):
-        super().__init__()
-        self.generation_config = SimpleNamespace(eos_token_id=1)
-        self.steps = 0
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def forward(self, input_ids, **kwargs):
-        self.steps += 1
-        logits = torch.zeros(1, input_ids.shape[1], 8)
-        logits[..., 1] = 1.0
-        return SimpleNamespace(logits=logits)
-
-
 def test_ignore_eos_decodes_every_token():
-    model, tok, first = AlwaysEos(), tiny_tokenizer(), torch.tensor([0.0, 1.0, 0.0])
-    assert decode(model, tok, first, None, 7)[0] == []
-    tokens, _, _ = decode(model, tok, first, None, 7, ignore_eos=True)
-    assert tokens == [1] * 7 and model.steps == 6  # the first token comes from the given logits
+    from rocketkv.core import compress
+    from rocketkv.harness.generation import prefill
+    from conftest import peaky_model
+
+    model, tok = copy.deepcopy(peaky_model()), tiny_tokenizer()  # its greedy tokens vary; a copy: EOS changes below
+    rows = [list(range(10, 40))]
+
+    def greedy(**kwargs):
+        with compress(model, "full", max_new_tokens=7) as session:
+            cache = session.new_cache(7)
+            logits, _ = prefill(model, rows, cache, split_last=False)
+            return decode(model, tok, logits, cache, 7, **kwargs)
+
+    every = greedy(ignore_eos=True)
+    assert len(every.tokens[0]) == 7 and every.steps == 6  # the first token comes from the prefill's logits
+    tokens = every.tokens[0]
+    first_new = next(i for i in range(1, 7) if tokens[i] not in tokens[:i])
+    model.generation_config.eos_token_id = tokens[first_new]  # a token first chosen at step first_new: now EOS
+    assert greedy().tokens[0] == tokens[:first_new]
+    assert greedy(ignore_eos=True).tokens == every.tokens
 
 
 def test_run_decodes_every_token_and_rocketkv_stores_and_reads_less(compose_cfg, tmp_path, capsys):
@@ -111,12 +109,41 @@ def test_run_decodes_every_token_and_rocketkv_stores_and_reads_less(compose_cfg,
 
     out = capsys.readouterr().out
     assert "efficiency/tiny-random/rocketkv@128: decode tok/s" in out
-    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.strip().startswith("600 ")}
+    rows = {line.split()[2]: line.split() for line in out.splitlines() if line.strip().startswith("600 ")}
     assert sorted(rows) == ["full@full", "quest@128", "rocketkv@128", "snapkv@128", "sparq@128", "topk@128"]
-    assert rows["full@full"][4] == "1.00x" and rows["full@full"][8] == "1.000x" and rows["full@full"][10] == "1.000x"
-    read_ratio, stored_ratio = (float(rows["rocketkv@128"][i].rstrip("x")) for i in (8, 10))
+    assert rows["full@full"][7] == "1.00x" and rows["full@full"][11] == "1.000x" and rows["full@full"][13] == "1.000x"
+    read_ratio, stored_ratio = (float(rows["rocketkv@128"][i].rstrip("x")) for i in (11, 13))
     assert read_ratio < 0.6 and stored_ratio < 0.8
+    context = by_method["full"]["context"]  # the floor: weights + K/V read at the bandwidth measured in the run
+    assert context["weight_bytes"] > 0 and context["copy_bytes_per_s"] > 1e8
+    floor = 1e3 * (context["weight_bytes"] + full["bytes_read_per_step"]) / context["copy_bytes_per_s"]
+    assert float(rows["full@full"][5]) == pytest.approx(floor, abs=0.006)
+    assert float(rows["full@full"][6].rstrip("x")) == pytest.approx(full["ms_per_step"] / floor, abs=0.006)
+    assert "GB/s read+write, measured in this run" in out
     assert (tmp_path / "leaderboard.csv").is_file()  # the report handles the task
+
+
+def test_a_batch_decodes_every_row_and_counts_its_tokens(compose_cfg, tmp_path):
+    results = run(compose_cfg(*TINY, f"output_dir={tmp_path}", "task.lengths=[300]", "task.batch_size=3",
+                              "task.max_new_tokens=6", "task.warmup=false", "grid.methods=[full,rocketkv]",
+                              "grid.budgets=[64]"))
+    for metrics in results:
+        [record] = [json.loads(line) for line in
+                    (Path(metrics["run"]["results_dir"]) / "predictions.jsonl").read_text().splitlines()]
+        assert record["decode"] == {"batch": 3, "steps": 5, "setup_steps": 0, "setup_s": 0.0}
+        e = metrics["efficiency"]["300"]
+        assert e["batch"] == 3 and e["decode_tokens_per_s"] == pytest.approx(3 * 1e3 / e["ms_per_step"])
+        assert record["score"] == pytest.approx(3 * 5 / record["time_decode_s"])
+    assert results[0]["run"]["protocol"]["batch_size"] == 3
+
+
+def test_batch_rows_are_different_prompts_of_one_length():
+    tok = tiny_tokenizer()
+    [sample] = EfficiencyTask({"lengths": [100], "batch_size": 4, "warmup": False}).samples(tok, 4096)
+    assert len(sample.prompt_ids) == 4 and {len(r) for r in sample.prompt_ids} == {100}
+    assert len({tuple(r) for r in sample.prompt_ids}) == 4
+    [single] = EfficiencyTask({"lengths": [100], "warmup": False}).samples(tok, 4096)
+    assert isinstance(single.prompt_ids[0], int)
 
 
 def test_table_without_full_kv_shows_no_ratios():
@@ -127,7 +154,8 @@ def test_table_without_full_kv_shows_no_ratios():
                                        "metadata_bytes": 0.0}}}
     table = efficiency_table([metrics])
     row = [line for line in table.splitlines() if line.strip().startswith("1024")][0].split()
-    assert row[1:] == ["rocketkv@256", "20.0", "50.00", "-", "-", "-", "1.000", "-", "2.000", "-", "0.000"]
+    assert row[1:] == ["1", "rocketkv@256", "20.0", "50.00", "-", "-", "-", "-", "-", "1.000", "-", "2.000", "-",
+                       "0.000"]
     assert "not measured" in table and efficiency_table([{"score": 1.0}]) is None
 
 
@@ -141,12 +169,12 @@ def test_shared_prefill_keeps_only_the_window_queries():
     with compress(model, method="full", budget=None, max_new_tokens=4) as base:
         shared = base.new_cache(4, prompt_len=len(ids), capture_window=32)
         with torch.inference_mode():
-            forward(model, ids[:-1], shared)
+            forward(model, [ids[:-1]], shared)
     layer = shared.layers[0]
     q = layer.captured_q
     assert q.shape[-2] == 32 and q.untyped_storage().nbytes() == q.numel() * q.element_size()
     kv = sum(l.kv_bytes() for l in shared.layers)
-    assert kv < held_bytes(shared) < kv * 2  # beside K/V: positions, room for forks' tails, the window queries
+    assert kv < held_bytes(shared) < kv * 2  # beside K/V: positions, room for the decode steps, the window queries
 
 
 def test_gpu_check_script_parses_and_fails_fast_without_cuda(tmp_path):

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from conftest import greedy_steps, peaky_model, prompt_logits
+from conftest import greedy_steps, peaky_model, prompt_logits, stored
 from rocketkv.harness.models import TINY_ARCHS
 from rocketkv.core.session import compress
 
@@ -167,7 +167,7 @@ def test_multi_token_step_after_eviction_equals_one_by_one(method, budget, opts)
     torch.testing.assert_close(many, one, atol=1e-4, rtol=1e-4)
     assert c1.get_seq_length() == c2.get_seq_length() == PROMPT_LEN + 3
     for l1, l2 in zip(c1.layers, c2.layers):
-        assert torch.equal(l1.positions, l2.positions)
+        assert torch.equal(stored(l1, "positions"), stored(l2, "positions"))
 
 
 # ------------------------------------------------------------------ refusals
@@ -237,7 +237,7 @@ def test_user_cache_is_compressed_under_either_kwarg(name):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # the runner's own loop uses the model's own name
             for token in ids[:3]:
-                forward(model, [token], cache)
+                forward(model, [[token]], cache)
     assert all(type(l).__name__ == "CompressedLayer" for l in cache.layers)
     assert session.stats()["decode_steps"] == 4  # the prompt's last token, then 3 steps
     assert cache.layers[0].stored < len(ids) + 3
@@ -286,7 +286,7 @@ def test_fork_from_shared_prefill_equals_direct():
     model = peaky_model("llama")
     ids = prompt(seed=8)
     shared = shared_prefill(model, ids, capture_window=32)
-    snapshot = [(l.keys.clone(), l.values.clone(), l.positions.clone()) for l in shared.layers]
+    snapshot = [tuple(stored(l, n).clone() for n in ("keys", "values", "positions")) for l in shared.layers]
     for method, budget, opts in SMALL:
         with compress(model, method, budget, max_new_tokens=MAX_NEW, **opts) as session:
             ref_tokens, ref_logits = manual_loop(model, session.new_cache(), ids, MAX_NEW)
@@ -299,7 +299,7 @@ def test_fork_from_shared_prefill_equals_direct():
         assert tokens.tolist() == ref_tokens.tolist(), (method, opts)
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         for (k, v, p), layer in zip(snapshot, shared.layers):  # the shared prefill is only read
-            assert torch.equal(layer.keys, k) and torch.equal(layer.values, v) and torch.equal(layer.positions, p)
+            assert all(torch.equal(stored(layer, n), t) for n, t in zip(("keys", "values", "positions"), (k, v, p)))
 
 
 def test_fork_refuses_short_capture():

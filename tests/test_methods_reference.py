@@ -17,6 +17,7 @@ from rocketkv.core.methods import make_method
 from rocketkv.core.methods import ops
 from rocketkv.core.methods.ops import attend_indices as _attend_indices
 from rocketkv.core.state import GenerationState
+from conftest import stored
 
 # (B, Hkv, g, d): g = 1 (MHA) and g > 1 (GQA), odd head dims too
 SHAPES = [(1, 2, 4, 32), (2, 3, 1, 16), (1, 1, 3, 8), (2, 2, 2, 12)]
@@ -49,14 +50,19 @@ def grow_cache(layer, K, V, extra_k, extra_v, steps):
                torch.cat([V, extra_v[:, :, :step]], dim=2).double())
 
 
+def as_upto(n):
+    """A decode step's slot count, as the session passes it: a device scalar."""
+    return torch.tensor(n)
+
+
 def spy_indices(monkeypatch, module_name):
     """Record the slot indices a method's decode hands to ``attend_indices``."""
     seen = []
     mod = importlib.import_module(f"rocketkv.core.methods.{module_name}")
 
-    def spy(layer, q, idx, upto, scaling):
+    def spy(layer, q, idx, scaling, backend="auto"):
         seen.append(idx.clone())
-        return _attend_indices(layer, q, idx, upto, scaling)
+        return _attend_indices(layer, q, idx, scaling, backend)
 
     monkeypatch.setattr(mod, "attend_indices", spy)
     return seen
@@ -105,7 +111,7 @@ def test_topk_reference(monkeypatch, shape, n, budget):
     seen = spy_indices(monkeypatch, "topk")
     scale = d ** -0.5
     m.index(layer, layer.state.plan)
-    out, cost = m.decode(layer, q, n, layer.state.plan, scale)
+    out, cost = m.decode(layer, q, as_upto(n), layer.state.plan, scale)
     idx = seen[-1]
     assert idx.shape[2] == g  # one set per query head
     K64, V64, q64 = K.double(), V.double(), q.double()
@@ -142,15 +148,15 @@ def test_snapkv_reference(monkeypatch, shape, selection, n, budget, window):
     tail = list(range(split - window, n))
     for bi in range(b):
         for kh in range(hkv):
-            all_pos = layer.positions[bi, kh].tolist()
+            all_pos = stored(layer, "positions")[bi, kh].tolist()
             # stored keys/values are the original rows at those positions
-            torch.testing.assert_close(layer.keys[bi, kh], K[bi, kh, all_pos])
-            torch.testing.assert_close(layer.values[bi, kh], V[bi, kh, all_pos])
+            torch.testing.assert_close(stored(layer, "keys")[bi, kh], K[bi, kh, all_pos])
+            torch.testing.assert_close(stored(layer, "values")[bi, kh], V[bi, kh, all_pos])
             if layer.visible is None:
                 pos = all_pos
             else:  # a KV head whose union is smaller than another's is padded with slots no head sees
-                pos = [p for p, ok in zip(all_pos, layer.visible[bi, kh].any(0).tolist()) if ok]
-                vis = layer.visible[bi, kh]
+                pos = [p for p, ok in zip(all_pos, stored(layer, "visible")[bi, kh].any(0).tolist()) if ok]
+                vis = stored(layer, "visible")[bi, kh]
                 assert not vis[:, [i for i, p in enumerate(all_pos) if p not in pos]].any()
             assert pos == sorted(pos) and len(set(pos)) == len(pos)
             per_head = [ref_window_scores(Q64[bi, kh, h], K64[bi, kh], split, window, scale) for h in range(g)]
@@ -173,12 +179,13 @@ def test_snapkv_reference(monkeypatch, shape, selection, n, budget, window):
     # decode over the compressed cache is dense over what each head may see
     q = torch.randn(b, hkv, g, d, generator=_gen(5))
     m.index(layer, layer.state.plan)
-    out, _ = m.decode(layer, q, layer.stored, layer.state.plan, scale)
+    out, _ = m.decode(layer, q, as_upto(layer.stored), layer.state.plan, scale)
     for bi in range(b):
         for kh in range(hkv):
             for h in range(g):
-                ok = torch.ones(layer.stored, dtype=torch.bool) if layer.visible is None else layer.visible[bi, kh, h]
-                pos = layer.positions[bi, kh][ok]
+                ok = torch.ones(layer.stored, dtype=torch.bool) if layer.visible is None else \
+                    stored(layer, "visible")[bi, kh, h]
+                pos = stored(layer, "positions")[bi, kh][ok]
                 ref = ref_attend(q.double()[bi, kh, h], K64[bi, kh, pos], V64[bi, kh, pos], scale)
                 torch.testing.assert_close(out[bi, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
 
@@ -187,7 +194,7 @@ def test_snapkv_short_prompt_keeps_everything():
     m = make_method("snapkv", 64, selection="group", kernels="torch")
     layer, K, _ = make_layer(m, 1, 2, 2, 16, 60)
     m.compress(layer, torch.randn(1, 2, 2, 59, 16), 59, layer.state.plan, 0.25)
-    assert layer.stored == 60 and layer.positions[0, 0].tolist() == list(range(60))
+    assert layer.stored == 60 and stored(layer, "positions")[0, 0].tolist() == list(range(60))
 
 
 # ====================================================================== quest
@@ -217,8 +224,8 @@ def test_quest_reference(monkeypatch, shape, n, plan):
     for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, steps=4):
         q = torch.randn(b, hkv, g, d, generator=_gen(20 + step))
         q64 = q.double()
-        m.index(layer, plan)
-        out, _ = m.decode(layer, q, upto, plan, scale)
+        m.index(layer, plan) if step == 0 else m.index(layer, plan, as_upto(upto))
+        out, _ = m.decode(layer, q, as_upto(upto), plan, scale)
         idx = seen[-1]
         assert idx.shape[2] == 1  # one selection per KV group
         for bi in range(b):
@@ -252,7 +259,7 @@ def test_sparq_reference(monkeypatch, shape, n, plan):
     seen = spy_indices(monkeypatch, "sparq")
     scale = d ** -0.5
     q = torch.randn(b, hkv, g, d, generator=_gen(n))
-    out, _ = m.decode(layer, q, n, plan, scale)
+    out, _ = m.decode(layer, q, as_upto(n), plan, scale)
     idx = seen[-1]
     K64, V64, q64 = K.double(), V.double(), q.double()
     r, k = plan["channels"], plan["topk"]
@@ -312,8 +319,8 @@ def test_rocketkv_stage2_reference(monkeypatch, shape, n, plan):
             if g > 2:
                 q[:, :, 2:, ::2] = 0
         q64 = q.double()
-        m.index(layer, plan)
-        out, _ = m.decode(layer, q, upto, plan, scale)
+        m.index(layer, plan) if step == 0 else m.index(layer, plan, as_upto(upto))
+        out, _ = m.decode(layer, q, as_upto(upto), plan, scale)
         idx = seen[-1]
         assert idx.shape[2] == 1  # one selection per KV group
         for bi in range(b):
@@ -336,13 +343,13 @@ def test_rocketkv_zero_sign_uses_min(monkeypatch):
     layer, _, _ = make_layer(m, 1, 1, 2, d, n, plan=plan)
     keys = torch.zeros(1, 1, n, d)
     keys[0, 0, :, 0] = torch.tensor([5.0, -5.0, 1.0, 0.5, -1.0, -0.5, 2.0, 3.0])
-    layer.keys.copy_(keys)
+    layer.keys[:, :, :n].copy_(keys)
     q = torch.zeros(1, 1, 2, d)
     q[0, 0, 0, 0], q[0, 0, 1, 0] = 1.0, -1.0  # channel 0: sum 0 -> sign -1 -> min row
     q[0, 0, :, 1] = 0.01  # keeps ‖q‖₁ > ‖q_I‖₁ irrelevant; channel 0 is still the top |q| channel
     seen = spy_indices(monkeypatch, "rocketkv")
     m.index(layer, plan)
-    m.decode(layer, q, n, plan, 1.0)
+    m.decode(layer, q, as_upto(n), plan, 1.0)
     # page mins on channel 0: [-5, 0.5, -1, 2]; head 0 logits = mins, head 1 = -mins -> mean of softmaxes.
     mins = torch.tensor([-5.0, 0.5, -1.0, 2.0], dtype=torch.float64)
     tau = math.sqrt(d * 1.0 / 1.02)
@@ -363,17 +370,17 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
     scale = d ** -0.5
     m.compress(layer, q_prompt[..., :split, :], split, plan, scale)
     if split <= keep:
-        assert layer.stored == n and layer.positions[0, 0].tolist() == list(range(n))
+        assert layer.stored == n and stored(layer, "positions")[0, 0].tolist() == list(range(n))
         return
     assert layer.stored == keep + 1  # P prompt tokens + the last prompt token (decoded next)
     assert layer.visible is None
     K64, Q64 = K.double(), q_prompt.double()
     for bi in range(b):
         for kh in range(hkv):
-            pos = layer.positions[bi, kh].tolist()
+            pos = stored(layer, "positions")[bi, kh].tolist()
             assert pos == sorted(pos)
-            torch.testing.assert_close(layer.keys[bi, kh], K[bi, kh, pos])
-            torch.testing.assert_close(layer.values[bi, kh], V[bi, kh, pos])
+            torch.testing.assert_close(stored(layer, "keys")[bi, kh], K[bi, kh, pos])
+            torch.testing.assert_close(stored(layer, "values")[bi, kh], V[bi, kh, pos])
             scores = sum(ref_window_scores(Q64[bi, kh, h], K64[bi, kh], split, window, scale) for h in range(g))
             pooled = ref_maxpool(scores, 63)
             check_topk_set(set(p for p in pos if p < split - window), pooled, keep - window)
@@ -388,7 +395,7 @@ def test_sparse_methods_exact_when_everything_fits(method):
     layer, K, V = make_layer(m, b, hkv, g, d, n)
     q = torch.randn(b, hkv, g, d, generator=_gen(2))
     m.index(layer, layer.state.plan)
-    out, _ = m.decode(layer, q, n, layer.state.plan, d ** -0.5)
+    out, _ = m.decode(layer, q, as_upto(n), layer.state.plan, d ** -0.5)
     for kh in range(hkv):
         for h in range(g):
             ref = ref_attend(q.double()[0, kh, h], K.double()[0, kh], V.double()[0, kh], d ** -0.5)
@@ -412,28 +419,30 @@ def test_page_metadata_ignores_slots_beyond_upto(monkeypatch, method, plan):
     m = make_method(method, 256, kernels="torch")
     layer, _, _ = make_layer(m, b, hkv, g, d, 16, seed=0, plan=plan)
     with torch.no_grad():
-        layer.keys[0, 0].copy_(torch.randn(16, d, generator=_gen(1)))
+        layer.keys[0, 0, :16].copy_(torch.randn(16, d, generator=_gen(1)))
         layer.keys[0, 0, 4:8] += 3.0  # page 1 clearly best among the prompt pages for q > 0
     q = torch.ones(b, hkv, g, d)
     seen = spy_indices(monkeypatch, method)
-
-    # one by one: token 16 alone
     new_k = torch.zeros(b, hkv, 3, d)
     new_k[0, 0, 2] = 1000.0  # slot 18: a future key, huge
     new_v = torch.randn(b, hkv, 3, d, generator=_gen(2))
+
+    # one by one, as the session runs it: pages of the prompt built, token 16 appended, folded in, decoded
     ref_layer, _, _ = make_layer(m, b, hkv, g, d, 16, seed=0, plan=plan)
     with torch.no_grad():
         ref_layer.keys.copy_(layer.keys)
         ref_layer.values.copy_(layer.values)
+    m.index(ref_layer, plan, 16)
     ref_layer.update(new_k[:, :, :1], new_v[:, :, :1])
-    m.index(ref_layer, plan)
-    ref_out, _ = m.decode(ref_layer, q, 17, plan, d ** -0.5)
+    m.index(ref_layer, plan, as_upto(17))
+    ref_out, _ = m.decode(ref_layer, q, as_upto(17), plan, d ** -0.5)
     ref_sel = set(seen[-1][0, 0, 0][seen[-1][0, 0, 0] >= 0].tolist())
 
-    # three at once, as session._decode_tokens does: index up to token 16 (upto = 17), then decode it
+    # three at once, as the session's multi-token step does: token 16 sees slots [0, 17) only
+    m.index(layer, plan, 16)
     layer.update(new_k, new_v)
-    m.index(layer, plan, 17)
-    out, _ = m.decode(layer, q, 17, plan, d ** -0.5)
+    m.index(layer, plan, as_upto(17))
+    out, _ = m.decode(layer, q, as_upto(17), plan, d ** -0.5)
     sel = set(seen[-1][0, 0, 0][seen[-1][0, 0, 0] >= 0].tolist())
     assert sel == ref_sel
     torch.testing.assert_close(out, ref_out)
@@ -465,9 +474,9 @@ def test_dense_plan_means_the_method_attends_everything(name, shape):
     extra_v = torch.randn(b, hkv, max_new, d, generator=_gen(10))
     for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, max_new):
         q = torch.randn(b, hkv, g, d, generator=_gen(11 + step))
-        m.index(layer, layer.state.plan, upto)
-        out, cost = m.decode(layer, q, upto, layer.state.plan, d ** -0.5)
-        assert cost.attended == upto
+        m.index(layer, layer.state.plan, upto if step == 0 else as_upto(upto))
+        out, cost = m.decode(layer, q, as_upto(upto), layer.state.plan, d ** -0.5)
+        assert float(cost.attended) == upto
         for bi in range(b):
             for h in range(hkv):
                 for j in range(g):
@@ -485,7 +494,9 @@ def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget)
     plan = layer.state.plan
     assert not plan["dense"]
     m.compress(layer, torch.randn(b, hkv, g, 8, d, generator=_gen(4)), n, plan, d ** -0.5)
+    m.index(layer, plan, layer.stored)  # at the prefill's end, where host reads are fine
     layer.update(torch.randn(b, hkv, 1, d, generator=_gen(5)), torch.randn(b, hkv, 1, d, generator=_gen(6)))
+    upto = as_upto(layer.stored)
 
     def host_read(*args, **kwargs):
         raise AssertionError("a decode step read a tensor back to the host")
@@ -493,9 +504,9 @@ def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget)
     with monkeypatch.context() as patch:
         for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
             patch.setattr(torch.Tensor, attr, host_read)
-        m.index(layer, plan, layer.stored)
-        out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), layer.stored, plan, d ** -0.5)
-        layer.state.stats.record(0, cost)
+        m.index(layer, plan, upto)
+        out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), upto, plan, d ** -0.5)
+        layer.state.stats.record(0, cost, out.device)
     assert out.shape == (b, hkv, g, d) and 0 < float(cost.attended) <= layer.stored
     assert layer.state.summary()["attended_tokens"] == float(cost.attended)
 
@@ -515,8 +526,9 @@ def test_attend_indices_equals_each_rows_own_softmax(rows_share_a_set, k):
                                                                                             else rows))])
     idx = idx.view(b, hkv, 1 if rows_share_a_set else rows, k)
     idx[..., -2:] = -1  # pads
-    assert (idx.shape[2] * k * ops.MASKED_ATTENTION_FRACTION >= slots) == (k == 40)  # both paths are exercised
-    out = _attend_indices(layer, q, idx, slots, d ** -0.5)
+    masked = idx.shape[2] * k * ops.MASKED_ATTENTION_FRACTION >= layer.capacity
+    assert masked == (k == 40)  # both paths are exercised
+    out = _attend_indices(layer, q, idx, d ** -0.5)
     for bi in range(b):
         for kh in range(hkv):
             for r in range(rows):

@@ -65,9 +65,9 @@ def test_shipped_model_files_match_their_hash(name):
     for package, _ in cfg["gguf_parts"]:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed ({cfg['install']})")
-    from rocketkv.harness.models import _package_file, _sha256_of
+    from rocketkv.harness.gguf_models import package_file, sha256_of
 
-    files = [_package_file(p, f, cfg["install"]) for p, f in cfg["gguf_parts"]]
+    files = [package_file(p, f, cfg["install"]) for p, f in cfg["gguf_parts"]]
     if cfg.get("gguf_size"):
         assert sum(f.stat().st_size for f in files) == cfg["gguf_size"]
-    assert _sha256_of(files) == cfg["gguf_sha256"]
+    assert sha256_of(files) == cfg["gguf_sha256"]

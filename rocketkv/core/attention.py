@@ -63,7 +63,7 @@ def _attend(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torc
     q = query.reshape(b, hkv, hq // hkv, n, d)  # the g query heads of each KV head together: K/V never repeated
     if not layer.compressed:
         return _prefill(layer, query, q, scaling)
-    return _decode(layer, q, layer.stored - n, scaling)
+    return _decode(layer, q, scaling)
 
 
 def _prefill(layer: CompressedLayer, query: torch.Tensor, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -87,31 +87,38 @@ def _prefill(layer: CompressedLayer, query: torch.Tensor, q: torch.Tensor, scali
     compress_layer(layer, q[..., :split, :], split, scaling)
     if split == n:
         return prefix_out
-    return torch.cat([prefix_out, _decode(layer, q[:, :, :, split:], layer.stored - (n - split), scaling)], dim=2)
+    return torch.cat([prefix_out, _decode(layer, q[:, :, :, split:], scaling)], dim=2)
 
 
 def compress_layer(layer: CompressedLayer, q_window: torch.Tensor, prompt_len: int, scaling: float) -> None:
-    """Run the layer's method over the exact prefill of slots ``[0, prompt_len)``; decode steps follow."""
+    """Run the layer's method over the exact prefill of slots ``[0, prompt_len)``, give the layer room for the
+    planned decode steps and build the method's metadata of the prompt's slots; decode steps follow."""
     state = layer.state
-    state.method_for(layer.layer_idx).compress(layer, q_window, prompt_len, state.plan, scaling)
+    method = state.method_for(layer.layer_idx)
+    method.compress(layer, q_window, prompt_len, state.plan, scaling)
     layer.compressed = True
-    in_prompt = layer.positions < prompt_len
+    prompt_slots = layer.stored - (layer.seen - prompt_len)  # tokens after the prompt are the last slots
+    in_prompt = layer.positions[..., :prompt_slots] >= 0
     if layer.visible is not None:
-        in_prompt = in_prompt & layer.visible.any(dim=2)
+        in_prompt = in_prompt & layer.visible[..., :prompt_slots].any(dim=2)
     layer.kept_after_prefill = in_prompt.sum(-1).float().mean().item()
+    layer.reserve(prompt_slots)
+    method.index(layer, state.plan, prompt_slots)
 
 
-def _decode(layer: CompressedLayer, q: torch.Tensor, first_slot: int, scaling: float) -> torch.Tensor:
-    """Decode-mode attention for the ``n`` newest stored slots, one step per token: token i sees slots
-    ``[0, first_slot + i]`` and metadata built from those slots only."""
+def _decode(layer: CompressedLayer, q: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Decode-mode attention for the ``n`` newest stored slots, one step per token: token i sees the slots up to
+    its own and metadata built from those slots only.  Slot counts are device scalars (``layer.length``), so
+    nothing here depends on host state a replayed CUDA graph would not update."""
     state = layer.state
     method = state.method_for(layer.layer_idx)
     b, hkv, g, n, d = q.shape
     outs = []
     for i in range(n):
-        upto = first_slot + i + 1
+        upto = layer.length if i == n - 1 else layer.length - (n - 1 - i)
         method.index(layer, state.plan, upto)
         out, cost = method.decode(layer, q[:, :, :, i], upto, state.plan, scaling)
-        state.stats.record(layer.layer_idx, cost)
+        state.stats.record(layer.layer_idx, cost, q.device)
         outs.append(out)
-    return torch.stack(outs, dim=3).reshape(b, hkv * g, n, d)
+    out = outs[0].unsqueeze(3) if n == 1 else torch.stack(outs, dim=3)  # [B,Hkv,g,n,d]
+    return out.reshape(b, hkv * g, n, d)

@@ -1,13 +1,19 @@
-"""Per-layer KV storage that evicts in place and carries a method's metadata.
+"""Per-layer KV storage in statically shaped buffers that evicts in place and carries a method's metadata.
 
-Keys are stored post-RoPE, once per KV head: ``keys``/``values`` are ``[B, Hkv, S, d]``.  ``positions``
-(``[B, Hkv, S]``) keeps each stored token's original position, so eviction never renumbers tokens and
-``get_seq_length()`` reports tokens seen, not tokens stored.  ``visible`` (``[B, Hkv, g, S]`` or None) marks
-which stored slots each query head of a group may attend to, for methods that select per query head.
+Keys are stored post-RoPE, once per KV head, in buffers of a fixed capacity ``C``: ``keys``/``values`` are
+``[B, Hkv, C, d]`` and ``positions`` ``[B, Hkv, C]`` (each slot's original token position, so eviction never
+renumbers tokens).  Slots ``[0, length)`` hold tokens; ``length`` and ``seen_t`` (tokens seen, the next token's
+position) are device counters that a decode step advances in place, so the same step can be replayed as a CUDA
+graph.  ``stored`` and ``seen`` are their host mirrors, kept by eager code and by the graph runner
+(``GenerationState.advance``).  ``visible`` (``[B, Hkv, g, C]`` or None) marks the slots each query head of a group
+may attend to, for methods that select per query head.
 
-What a method may use (the rest is the session's): ``keys``, ``values``, ``positions``, ``visible`` and
-``stored`` to read; ``keep(slots, visible)`` to evict; ``meta``, a dict of the method's own metadata (its
-tensors count as metadata bytes, and ``keep`` clears it).
+The capacity is the prompt's slots kept after compression plus the planned decode steps (``reserve``); an eager
+decode that runs past it grows the buffers.
+
+What a method may use (the rest is the session's): ``keys``, ``values``, ``positions``, ``visible``, ``length``
+and ``stored`` to read; ``slot_index`` (``arange(C)``); ``keep(slots, visible)`` to evict; ``meta``, a dict of the
+method's own metadata (its tensors count as metadata bytes, and ``keep`` clears it).
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
+
+MIN_SPARE = 16
 
 
 def gather_slots(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -42,60 +50,92 @@ class CompressedLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.positions: torch.Tensor | None = None
         self.visible: torch.Tensor | None = None
+        self.length: torch.Tensor | None = None
+        self.seen_t: torch.Tensor | None = None
+        self.slot_index: torch.Tensor | None = None
         self.meta: dict[str, Any] = {}
+        self.stored = 0
         self.seen = 0
         self.compressed = False
         self.kept_after_prefill: float | None = None
         self.captured_q: torch.Tensor | None = None  # last prefill queries, kept for a grid's shared prefill
         self.captured_scaling: float | None = None
-        self._room: tuple[torch.Tensor, ...] | None = None  # (keys, values, positions) buffers with spare slots
+        self._borrowed = False  # the buffers are a shared prefill's: read them, never write them
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[2]
+
+    def _spare(self) -> int:
+        return max(getattr(self.state, "max_new_tokens", 0) or 0, MIN_SPARE)
+
+    def _allocate(self, template_k: torch.Tensor, template_v: torch.Tensor, capacity: int) -> None:
+        b, h = template_k.shape[:2]
+        device = template_k.device
+        # zeros, not empty: slots past ``length`` are read under masks, and garbage there could be NaN
+        self.keys = template_k.new_zeros(b, h, capacity, template_k.shape[-1])
+        self.values = template_v.new_zeros(b, h, capacity, template_v.shape[-1])
+        self.positions = torch.full((b, h, capacity), -1, dtype=torch.long, device=device)
+        self.slot_index = torch.arange(capacity, device=device)
+        self._borrowed = False
+
+    def _move_to(self, capacity: int) -> None:
+        """Own buffers of ``capacity`` slots holding the stored ones (after the shared prefill, or to grow)."""
+        keys, values, positions, visible, n = self.keys, self.values, self.positions, self.visible, self.stored
+        self._allocate(keys, values, capacity)
+        self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n] = (t[:, :, :n]
+                                                                               for t in (keys, values, positions))
+        if visible is not None:
+            self.visible = self._visible_with_room(visible[..., :n])
+
+    def _visible_with_room(self, visible: torch.Tensor) -> torch.Tensor:
+        """``visible`` of the stored slots, extended to the capacity: slots appended later are visible to all heads."""
+        room = torch.ones(*visible.shape[:3], self.capacity, dtype=torch.bool, device=visible.device)
+        room[..., :visible.shape[-1]] = visible
+        return room
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        b, h = key_states.shape[:2]
-        self.keys = key_states.new_empty(b, h, 0, key_states.shape[-1])
-        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
-        self.positions = torch.empty(b, h, 0, dtype=torch.long, device=key_states.device)
+        self._allocate(key_states, value_states, key_states.shape[2] + self._spare())
+        self.length = torch.zeros((), dtype=torch.long, device=key_states.device)
+        self.seen_t = torch.zeros((), dtype=torch.long, device=key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, n, _ = key_states.shape
-        new_pos = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
-        self.keys, self.values, self.positions = self._append(n, key_states, value_states, new_pos)
-        if self.visible is not None:
-            ones = torch.ones(*self.visible.shape[:3], n, dtype=torch.bool, device=self.visible.device)
-            self.visible = torch.cat([self.visible, ones], dim=-1)
+        if self._borrowed or self.stored + n > self.capacity:
+            self._move_to(self.stored + n + self._spare())
+        new = self.slot_index[:n]
+        slots = self.length + new
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        self.positions.index_copy_(2, slots, (self.seen_t + new).expand(b, h, n))
+        self.length += n
+        self.seen_t += n
+        self.stored += n
         self.seen += n
         return self.keys, self.values
 
-    def _append(self, n: int, *new: torch.Tensor) -> list[torch.Tensor]:
-        """Keys, values and positions with ``new`` appended, as views of buffers with room for the decode steps
-        ahead, so a step copies only its own token (``cat`` would copy the whole cache).  The buffers are
-        (re)allocated when the slots are not theirs (after an eviction, in a fork) or when they are full."""
-        current = (self.keys, self.values, self.positions)
-        stored = current[0].shape[2]
-        room = self._room
-        owned = room is not None and all(c.data_ptr() == r.data_ptr() for c, r in zip(current, room))
-        if not owned or stored + n > room[0].shape[2]:
-            spare = max(getattr(self.state, "max_new_tokens", 0) or 0, 16)
-            room = self._room = tuple(c.new_empty(*c.shape[:2], stored + n + spare, *c.shape[3:]) for c in current)
-            for r, c in zip(room, current):
-                r[:, :, :stored] = c
-        for r, x in zip(room, new):
-            r[:, :, stored:stored + n] = x
-        return [r[:, :, :stored + n] for r in room]
-
     def share(self, source: "CompressedLayer") -> None:
         """Start from ``source``'s stored slots (a fork of a grid's shared prefill).  They are read, never written:
-        an eviction gathers new tensors and the first append copies them into buffers of this layer's own."""
-        self.lazy_initialization(source.keys, source.values)
+        an eviction gathers new buffers, and ``reserve`` or the first append copies them into buffers of its own."""
+        self.lazy_initialization(source.keys[:, :, :0], source.values[:, :, :0])
         self.keys, self.values, self.positions = source.keys, source.values, source.positions
-        self.seen = source.seen
+        self.slot_index = source.slot_index
+        self._borrowed = True
+        self.length.fill_(source.stored)
+        self.seen_t.fill_(source.seen)
+        self.stored, self.seen = source.stored, source.seen
 
-    @property
-    def stored(self) -> int:
-        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+    def reserve(self, prompt_slots: int) -> None:
+        """Buffers of this layer's own of ``prompt_slots`` + 1 + the planned decode steps: a decode as long as
+        planned never reallocates (a CUDA graph replays into the same buffers).  The capacity depends only on the
+        prompt's slots and the plan, so a fork of a shared prefill and a run of its own get the same buffers
+        (the methods' top-k breaks ties by position in the buffer)."""
+        capacity = prompt_slots + 1 + self._spare()
+        if self._borrowed or capacity != self.capacity:
+            self._move_to(capacity)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -104,18 +144,24 @@ class CompressedLayer(DynamicLayer):
         return self.stored + query_length, 0
 
     def keep(self, slots: torch.Tensor, visible: torch.Tensor | None = None) -> None:
-        """Keep only ``slots`` (``[B, Hkv, m]``, ascending) of every head; the rest is freed, not masked.
-        ``visible`` (``[B, Hkv, g, m]``) says which kept slots each query head may attend to."""
-        self.keys, self.values, self.positions = (gather_slots(t, slots)
-                                                  for t in (self.keys, self.values, self.positions))
-        self.visible = visible
+        """Keep only ``slots`` (``[B, Hkv, m]``, ascending, each below ``stored``) of every head; the rest is freed,
+        not masked.  ``visible`` (``[B, Hkv, g, m]``) says which kept slots each query head may attend to."""
+        kept = [gather_slots(t[:, :, :self.stored], slots) for t in (self.keys, self.values, self.positions)]
+        m = slots.shape[-1]
+        self.stored = m
+        self._allocate(kept[0], kept[1], m + self._spare())
+        self.keys[:, :, :m], self.values[:, :, :m], self.positions[:, :, :m] = kept
+        self.length.fill_(m)
+        self.visible = None if visible is None else self._visible_with_room(visible)
         self.meta = {}
 
     def kv_bytes(self) -> int:
         """Bytes of the stored K/V slots."""
-        if self.keys is None:
+        if self.keys is None or not self.is_initialized:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        per_slot = self.keys[:, :, :1].numel() * self.keys.element_size() \
+            + self.values[:, :, :1].numel() * self.values.element_size()
+        return per_slot * self.stored
 
     def meta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.meta.values() if isinstance(t, torch.Tensor))

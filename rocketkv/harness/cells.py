@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 METHOD_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
+UNHASHED_METHOD_OPTIONS = ("cuda_graphs",)  # how the decode steps are launched, not what they compute
+
+
 def predictions_name(shard: tuple[int, int] | None) -> str:
     return "predictions.jsonl" if shard is None else f"predictions.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
@@ -33,8 +36,10 @@ def config_hash(cfg: DictConfig, uses_budget: bool) -> str:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     for k in ("device", "path"):
         model.pop(k, None)
-    return stable_hash({"model": model, "task": OmegaConf.to_container(cfg.task, resolve=True),
-                        "method": OmegaConf.to_container(cfg.method, resolve=True),
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    for k in UNHASHED_METHOD_OPTIONS:
+        method.pop(k, None)
+    return stable_hash({"model": model, "task": OmegaConf.to_container(cfg.task, resolve=True), "method": method,
                         "budget": cfg.budget if uses_budget else None, "seed": cfg.seed})
 
 
@@ -108,11 +113,11 @@ def grid_configs(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
-def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[int]], shape: AttentionShape,
+def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[list[int]]], shape: AttentionShape,
                 model_max_len: int, skip: bool) -> list[Cell]:
     """Plan every cell for every prompt length before any decoding, so a budget that cannot work (e.g. below the
     observation window) fails at once, not half-way through a grid; ``skip`` drops such cells."""
-    shapes = sorted({(len(prompts[s.id]), s.max_new_tokens) for s in samples})
+    shapes = sorted({(len(prompts[s.id][0]), s.max_new_tokens) for s in samples})
     valid, errors = [], []
     for cell in cells:
         try:

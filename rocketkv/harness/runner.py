@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from evals.base import Sample, Task, stable_hash
-from evals.prompting import prompt_token_ids
+from evals.prompting import prompt_rows
 from rocketkv.core import AttentionShape
 from rocketkv.harness.cells import (Cell, check_plans, finished_metrics, grid_configs, lock_cell, make_cell,
                                     metrics_name)
@@ -73,6 +73,10 @@ def run(cfg: DictConfig) -> list[dict]:
     options = RunOptions.from_cfg(cfg)
     task = build_task(cfg.task)
     spec = ModelSpec.from_cfg(OmegaConf.to_container(cfg.model, resolve=True))
+    if spec.random_weights and task.measures_accuracy:
+        raise ValueError(f"model={spec.name} has random weights (its architecture only, for speed and memory "
+                         f"studies): task={cfg.task.name} measures accuracy; use task=efficiency, or a model with "
+                         "trained weights")
     task.validate(spec.max_len)
     cells = [make_cell(c, spec.name, options.shard) for c in grid_configs(cfg)]
 
@@ -89,7 +93,7 @@ def run(cfg: DictConfig) -> list[dict]:
     samples = select_samples(task.samples(tokenizer, spec.max_len), options.limit, options.shard,
                              per_subtask=task.limit_scope == "subtask")
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
-    prompts = {s.id: prompt_token_ids(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
+    prompts = {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
     cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.max_len, skip=options.skip_invalid)
     with ExitStack() as locks:
         for cell in cells:
@@ -99,6 +103,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, samples, prompts) -> list[dict]:
+    context = task.context(model)
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
     env = environment(str(model.device))
     for cell in cells:
@@ -106,19 +111,19 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
         write_json_atomic(cell.out_dir / "env.json", env)
     desc = cells[0].label if len(cells) == 1 else f"{cfg.task.name}/{spec.name}/grid of {len(cells)}"
     for sample in tqdm(todo, desc=desc, disable=not options.progress, dynamic_ncols=True):
-        ids = prompts[sample.id]
+        rows = prompts[sample.id]
         pending = [c for c in cells if sample.id not in c.preds.done()]
-        shareable = [c for c in pending if c.method.decode_last_prompt_token and len(ids) >= 2]
+        shareable = [c for c in pending if c.method.decode_last_prompt_token and len(rows[0]) >= 2]
         if len(shareable) < 2:
             shareable = []
-        for cell, record in zip(shareable, run_cells_shared_prefill(model, tokenizer, spec, sample, ids, shareable,
+        for cell, record in zip(shareable, run_cells_shared_prefill(model, tokenizer, spec, sample, rows, shareable,
                                                                     task) if shareable else []):
             cell.preds.append(record)
         for cell in pending:
             if cell not in shareable:
-                cell.preds.append(run_sample(model, tokenizer, spec, sample, ids, cell, task))
+                cell.preds.append(run_sample(model, tokenizer, spec, sample, rows, cell, task))
 
-    results = [finish_cell(cell, task, spec, samples, options) for cell in cells]
+    results = [finish_cell(cell, task, spec, samples, options, context) for cell in cells]
     if options.update_leaderboard:
         from rocketkv.harness.report import update_leaderboard
 
@@ -132,7 +137,8 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
     return results
 
 
-def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], options: RunOptions) -> dict:
+def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], options: RunOptions,
+                context: dict) -> dict:
     wanted = [s.id for s in samples]
     records = [cell.preds.records[i] for i in wanted if i in cell.preds.records]
     shard = options.shard
@@ -144,5 +150,7 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
                 "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
                 "limit": options.limit}
     metrics = summarise(task, records, run_info)
+    if context:
+        metrics["context"] = context
     write_json_atomic(cell.out_dir / metrics_name(shard), metrics)
     return metrics

@@ -11,7 +11,8 @@ from transformers.cache_utils import DynamicCache
 from evals.base import Sample, Task
 from rocketkv.core import AttentionShape, compress
 from rocketkv.harness.cells import Cell
-from rocketkv.harness.generation import Timer, decode, forward, prefill
+from rocketkv.core.graphs import use_cuda_graphs
+from rocketkv.harness.generation import Decoding, Timer, decode, forward, prefill
 from rocketkv.harness.memory import PeakMemory, process_peak_rss
 from rocketkv.harness.models import ModelSpec
 
@@ -32,23 +33,25 @@ class Memory:
 class Decoded:
     """One decode of one sample: what it produced and what it cost."""
 
-    tokens: list[int]
-    text: str
+    decoding: Decoding
     time_prefill_s: float
-    time_decode_s: float
     stats: dict
     memory: Memory
 
 
-def sample_record(sample: Sample, ids: list[int], out: Decoded, plan: dict, task: Task) -> dict:
+def sample_record(sample: Sample, rows: list[list[int]], out: Decoded, plan: dict, task: Task) -> dict:
+    d = out.decoding
     record = {
-        "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(ids),
-        "prediction": out.text, "references": sample.references, "score": None,
-        "new_tokens": len(out.tokens), "time_prefill_s": out.time_prefill_s, "time_decode_s": out.time_decode_s,
+        "id": sample.id, "subtask": sample.subtask, "meta": sample.meta, "prompt_tokens": len(rows[0]),
+        "prediction": d.texts[0], "references": sample.references, "score": None,
+        "new_tokens": len(d.tokens[0]), "time_prefill_s": out.time_prefill_s, "time_decode_s": d.seconds,
         "peak_mem_bytes": out.memory.peak, "decode_peak_mem_bytes": out.memory.decode_peak,
         "peak_mem_source": out.memory.source, "stats": {k: out.stats.get(k) for k in STAT_KEYS},
         "budget_params": plan,
     }
+    if len(rows) > 1 or d.setup_steps:  # a batch, or a decode replayed as a CUDA graph
+        record["decode"] = {"batch": len(rows), "steps": d.steps, "setup_steps": d.setup_steps,
+                            "setup_s": d.setup_seconds}
     record["score"] = task.score_record(sample, record)
     return record
 
@@ -72,23 +75,24 @@ def held_bytes(cache) -> int:
     return sum(storages.values())
 
 
-def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cell: Cell, task: Task) -> dict:
+def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[list[int]], cell: Cell,
+               task: Task) -> dict:
     """One sample of one cell with its own prefill."""
     mem = PeakMemory(model.device)
     mem.reset()
-    split = cell.method.decode_last_prompt_token and len(ids) >= 2
-    plan = cell.plan(len(ids), sample.max_new_tokens, AttentionShape.of(model), spec.max_len)
+    n = len(rows[0])
+    split = cell.method.decode_last_prompt_token and n >= 2
+    plan = cell.plan(n, sample.max_new_tokens, AttentionShape.of(model), spec.max_len)
     with compress(model, cell.method, max_new_tokens=sample.max_new_tokens, model_max_len=spec.max_len) as session:
-        cache = session.new_cache(sample.max_new_tokens, prompt_len=len(ids) if split else None, plan=plan)
-        logits, t_prefill = prefill(model, ids, cache, split)
+        cache = session.new_cache(sample.max_new_tokens, prompt_len=n if split else None, plan=plan)
+        logits, t_prefill = prefill(model, rows, cache, split)
         prefill_peak = mem.read()
         mem.reset()
-        tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
-                                        task.ignore_eos)
+        decoding = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos,
+                          use_cuda_graphs(cell.method.cuda_graphs, model.device))
         decode_peak = mem.read()
     memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
-    return sample_record(sample, ids, Decoded(tokens, text, t_prefill, t_decode, session.release(), memory), plan,
-                         task)
+    return sample_record(sample, rows, Decoded(decoding, t_prefill, session.release(), memory), plan, task)
 
 
 @dataclass
@@ -101,12 +105,12 @@ class SharedPrefill:
     held: int  # bytes the shared cache holds (a separate run of a cell would not hold them)
 
     @classmethod
-    def run(cls, model, spec: ModelSpec, sample: Sample, ids: list[int], window: int, mem: PeakMemory):
+    def run(cls, model, spec: ModelSpec, sample: Sample, rows: list[list[int]], window: int, mem: PeakMemory):
         mem.reset()
         with compress(model, "full", max_new_tokens=sample.max_new_tokens, model_max_len=spec.max_len) as base:
-            cache = base.new_cache(sample.max_new_tokens, prompt_len=len(ids), capture_window=window)
+            cache = base.new_cache(sample.max_new_tokens, prompt_len=len(rows[0]), capture_window=window)
             with Timer(model.device) as t, torch.inference_mode():
-                forward(model, ids[:-1], cache)
+                forward(model, [r[:-1] for r in rows], cache)
             base.release()  # the cache is freed with this object, not at a later garbage collection
         return cls(cache, t.seconds, mem.read(), held_bytes(cache))
 
@@ -118,40 +122,39 @@ class SharedPrefill:
                       mem.source)
 
 
-def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], cells: list[Cell],
-                             task: Task) -> list[dict]:
+def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[list[int]],
+                             cells: list[Cell], task: Task) -> list[dict]:
     """Several cells of one sample from one dense prefill of ``prompt[:-1]``: each cell compresses a view of it.
 
     Cells whose plan is dense for this sample (full KV, budgets covering the sequence) compute exactly the same
     thing, so one decode serves them all.  Each decode is timed alone, and its peak memory is measured from its
     own start; the decode peak excludes the shared prefill cache, which a separate run would not hold."""
     mem = PeakMemory(model.device)
-    shared = SharedPrefill.run(model, spec, sample, ids, max(c.method.window for c in cells), mem)
+    shared = SharedPrefill.run(model, spec, sample, rows, max(c.method.window for c in cells), mem)
     shape = AttentionShape.of(model)
     decoded: dict[object, Decoded] = {}
     records = []
     for i, cell in enumerate(cells):
-        plan = cell.plan(len(ids), sample.max_new_tokens, shape, spec.max_len)
+        plan = cell.plan(len(rows[0]), sample.max_new_tokens, shape, spec.max_len)
         key = "dense" if plan.get("dense") else i
         if key not in decoded:
-            decoded[key] = decode_forked(model, tokenizer, spec, sample, ids, task, shared, mem, cell, plan)
-        records.append(sample_record(sample, ids, decoded[key], plan, task))
+            decoded[key] = decode_forked(model, tokenizer, spec, sample, rows, task, shared, mem, cell, plan)
+        records.append(sample_record(sample, rows, decoded[key], plan, task))
     return records
 
 
-def decode_forked(model, tokenizer, spec: ModelSpec, sample: Sample, ids: list[int], task: Task,
+def decode_forked(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[list[int]], task: Task,
                   shared: SharedPrefill, mem: PeakMemory, cell: Cell, plan: dict) -> Decoded:
     mem.reset()
     with compress(model, cell.method, max_new_tokens=sample.max_new_tokens, model_max_len=spec.max_len) as session:
         with Timer(model.device) as t_last, torch.inference_mode():
             cache = session.fork(shared.cache, plan, sample.max_new_tokens)
-            logits = forward(model, ids[-1:], cache)
+            logits = forward(model, [r[-1:] for r in rows], cache)
         fork_peak = mem.read()
         mem.reset()
-        tokens, text, t_decode = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop,
-                                        task.ignore_eos)
+        decoding = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos,
+                          use_cuda_graphs(cell.method.cuda_graphs, model.device))
         decode_peak = mem.read()
     stats = session.release()
     del cache, logits
-    return Decoded(tokens, text, shared.seconds + t_last.seconds, t_decode, stats,
-                   shared.memory(mem, fork_peak, decode_peak))
+    return Decoded(decoding, shared.seconds + t_last.seconds, stats, shared.memory(mem, fork_peak, decode_peak))

@@ -33,11 +33,17 @@ def _triton_module() -> ModuleType | None:
     return triton_decode
 
 
+def sparse_attention_supported(head_dim: int) -> bool:
+    """The Triton sparse attention kernel needs a power-of-2 head dim >= 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def triton_available() -> bool:
     return _triton_module() is not None
 
 
-def _use_triton(backend: str, tensor: torch.Tensor, supported: bool = True) -> bool:
+def use_triton(backend: str, tensor: torch.Tensor, supported: bool = True) -> bool:
+    """Whether ``backend`` runs the Triton kernel for inputs like ``tensor`` ("auto": on CUDA, when supported)."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; expected one of {_BACKENDS}")
     if backend == "torch":
@@ -62,7 +68,7 @@ def rocketkv_page_scores(
     q [B, Hkv, g, d]; page_min_t / page_max_t [B, Hkv, d, P]; channels [B, Hkv, r]
     int64; signs [B, Hkv, r] (+1 uses the page max on that channel, -1 the min).
     """
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         return _triton_module().rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs)
     return reference.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs)
 
@@ -74,7 +80,7 @@ def quest_page_scores(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Quest page upper bounds over all d channels: float32 [B, Hkv, g, P]."""
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         return _triton_module().quest_page_scores(q, page_min_t, page_max_t)
     return reference.quest_page_scores(q, page_min_t, page_max_t)
 
@@ -92,8 +98,6 @@ def sparse_decode_attention(
     keys / values [B, Hkv, S, d]. The triton backend needs a power-of-2 head dim >= 16;
     "auto" falls back to torch otherwise.
     """
-    head_dim = q.shape[-1]
-    supported = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    if _use_triton(backend, q, supported):
+    if use_triton(backend, q, sparse_attention_supported(q.shape[-1])):
         return _triton_module().sparse_decode_attention(q, keys, values, indices, scale)
     return reference.sparse_decode_attention(q, keys, values, indices, scale)

@@ -20,13 +20,20 @@ The hooks, in the order the session calls them for one sample:
     ``layer.keep(slots, visible)``; leave the layer alone to keep everything.
 
 ``index(layer, plan, upto)``
-    Before each decode step: bring the method's metadata in ``layer.meta`` up to stored slots ``[0, upto)``.
+    Once with an int after ``compress`` (build the metadata of slots ``[0, upto)`` in ``layer.meta``), then
+    before each decode step with a device ``upto``: fold in the newest slot, ``upto - 1``.
 
 ``decode(layer, q, upto, plan, scaling) -> (out, StepCost)``
     One decode step of one layer: ``q`` is ``[B, Hkv, g, d]`` (the g query heads of each KV head, so K/V are
     never repeated per query head); attend over stored slots ``[0, upto)`` and return ``[B, Hkv, g, d]`` and
-    what the step read.  A step must not read tensors back to the host (that stalls a GPU once per layer):
-    data-dependent counts in ``StepCost`` stay device scalars.
+    what the step read.  ``upto`` is a 0-dim device tensor and the layer's tensors are buffers of a fixed
+    capacity (slots ``>= upto`` masked out): a step has static shapes and reads no host state, so it can be
+    replayed as a CUDA graph.  It must not read tensors back to the host either (that stalls a GPU once per
+    layer): data-dependent counts in ``StepCost`` stay device scalars.  Shape-dependent choices only: never
+    branch on data.
+
+``metadata_bytes(layer, plan)`` (optional)
+    The bytes of the method's metadata for the stored slots, when ``layer.meta`` holds room for more.
 
 What a method may use of a layer: ``keys``, ``values`` (``[B, Hkv, S, d]``, keys post-RoPE), ``positions``
 (original token positions), ``visible`` (per-head visibility or None), ``stored`` (S), ``keep(...)`` and
@@ -69,6 +76,7 @@ class Method:
     decode_last_prompt_token: bool = True
     skip_layers: int = 0
     kernels: str = "auto"
+    cuda_graphs: str = "auto"  # the harness's decode steps: replayed as a CUDA graph on CUDA (auto), always, never
     extra: dict[str, Any] = field(default_factory=dict)
 
     name = ""
@@ -93,6 +101,8 @@ class Method:
                 raise ValueError(f"method {self.name!r}: {option}={value!r} is not valid; give an integer >= {least}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch or triton")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"method {self.name!r}: cuda_graphs={self.cuda_graphs!r} is not valid; use auto, on or off")
 
     def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
              group_size: int = 1) -> dict:
@@ -102,12 +112,16 @@ class Method:
                  scaling: float) -> None:
         pass
 
-    def index(self, layer: CompressedLayer, plan: dict, upto: int | None = None) -> None:
+    def index(self, layer: CompressedLayer, plan: dict, upto: int | torch.Tensor | None = None) -> None:
         pass
 
-    def decode(self, layer: CompressedLayer, q: torch.Tensor, upto: int, plan: dict,
+    def metadata_bytes(self, layer: CompressedLayer, plan: dict) -> int:
+        """Bytes of this method's metadata for the layer's stored slots (the statistics' ``metadata_bytes``)."""
+        return layer.meta_bytes()
+
+    def decode(self, layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, plan: dict,
                scaling: float) -> tuple[torch.Tensor, StepCost]:
-        return dense_decode(layer, q, upto, scaling)
+        return dense_decode(layer, q, upto, scaling, self.kernels)
 
 
 def option_names(cls: type[Method]) -> set[str]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rocketkv.core import kernels
 from rocketkv.core.cache import CompressedLayer, gather_slots
 
 MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once G·k >= slots / this
@@ -37,9 +38,15 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def visible_mask(layer: CompressedLayer, upto: int) -> torch.Tensor | None:
-    """``[B,Hkv,g,upto]`` per-head visibility, or None when every slot is visible to every head."""
-    return None if layer.visible is None else layer.visible[..., :upto]
+def valid_slots(layer: CompressedLayer, upto: torch.Tensor) -> torch.Tensor:
+    """``[C]`` bool: the buffer slots a step sees, ``slot < upto`` (``upto`` a 0-dim device tensor)."""
+    return layer.slot_index < upto
+
+
+def visible_mask(layer: CompressedLayer, upto: torch.Tensor) -> torch.Tensor:
+    """What each query head may attend to over the buffer: ``[1,C]`` (every head alike) or ``[B,Hkv,g,C]``."""
+    valid = valid_slots(layer, upto)
+    return valid[None] if layer.visible is None else layer.visible & valid
 
 
 def mean_count(counts: torch.Tensor) -> torch.Tensor:
@@ -55,35 +62,44 @@ def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
     return hit[..., 1:].sum(-1)
 
 
-def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: int, scaling: float) -> tuple[torch.Tensor, StepCost]:
-    k, v = layer.keys[:, :, :upto], layer.values[:, :, :upto]
+def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, scaling: float,
+                 backend: str = "auto") -> tuple[torch.Tensor, StepCost]:
+    """Exact attention of ``q`` over every slot it may see."""
+    b, hkv, g, d = q.shape
     vis = visible_mask(layer, upto)
-    # The g query heads of a group stand in the query-length axis: one K/V read serves them all.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scaling)
-    attended = float(upto) if vis is None else mean_count(vis.sum(-1))
-    hkv, d = k.shape[1], k.shape[-1]
-    return out, StepCost(attended, float(upto * 2 * d * hkv))
+    if layer.visible is None and kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
+        # flash-decoding over the valid slots: split over the cache, one K/V read for the group's heads
+        slots = torch.where(vis, layer.slot_index, -1).expand(b, hkv, -1)
+        out = kernels.sparse_decode_attention(q, layer.keys, layer.values, slots, scaling, backend=backend)
+    else:  # the g query heads of a group stand in the query-length axis: one K/V read serves them all
+        out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=vis, scale=scaling)
+    attended = upto.double() if layer.visible is None else mean_count(vis.sum(-1))
+    return out, StepCost(attended, upto.double() * (2 * d * hkv))
 
 
-def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, upto: int,
-                   scaling: float) -> torch.Tensor:
+def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, scaling: float,
+                   backend: str = "auto") -> torch.Tensor:
     """Exact softmax attention over selected slots.
 
     ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
-    Small selections gather only their rows of K/V; once the gathered rows (G·k) reach a sixteenth of the
-    slots, streaming all of K/V under a selection mask is cheaper than the gather (same result up to rounding).
+    A shared set runs the Triton kernel on CUDA.  Otherwise small selections gather only their rows of K/V;
+    once the gathered rows (G·k) reach a sixteenth of the buffer, streaming all of it under a selection mask is
+    cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
     """
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
-    if G * kk * MASKED_ATTENTION_FRACTION >= upto:
+    slots = layer.keys.shape[2]
+    if G == 1 and kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
+        return kernels.sparse_decode_attention(q, layer.keys, layer.values, idx[:, :, 0], scaling, backend=backend)
+    if G * kk * MASKED_ATTENTION_FRACTION >= slots:
         # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost
-        selected = torch.full((b, hkv, G, upto + 1), float("-inf"), dtype=q.dtype, device=idx.device)
+        selected = torch.full((b, hkv, G, slots + 1), float("-inf"), dtype=q.dtype, device=idx.device)
         selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
-        return F.scaled_dot_product_attention(q, layer.keys[:, :, :upto], layer.values[:, :, :upto],
-                                              attn_mask=selected[..., 1:], scale=scaling)
+        return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=selected[..., 1:],
+                                              scale=scaling)
     safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
-    k_sel = gather_slots(layer.keys[:, :, :upto], safe).view(b, hkv, G, kk, d)
-    v_sel = gather_slots(layer.values[:, :, :upto], safe).view(b, hkv, G, kk, d)
+    k_sel = gather_slots(layer.keys, safe).view(b, hkv, G, kk, d)
+    v_sel = gather_slots(layer.values, safe).view(b, hkv, G, kk, d)
     logits = torch.einsum("bhgd,bhgkd->bhgk", q.float(), k_sel.float().expand(b, hkv, g, kk, d)) * scaling
     logits = logits.masked_fill((idx < 0).expand(b, hkv, g, kk), float("-inf"))
     probs = torch.softmax(logits, dim=-1)

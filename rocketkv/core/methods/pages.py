@@ -1,42 +1,66 @@
 """Page metadata shared by Quest and RocketKV: element-wise min and max keys of every ``p`` consecutive slots.
 
 Stored channel-major (``[B, Hkv, d, P]``) in ``layer.meta`` so reading a few channels of every page is
-contiguous.  Decode tokens fill the last page, then open new ones; only the pages touched since the last call
-are recomputed.
+contiguous, with ``P = ⌈C/p⌉`` pages for the whole buffer: a decode step has static shapes.  ``index_pages`` with
+an int builds the pages of slots ``[0, upto)``; with a device ``upto`` (a decode step) it folds the newest slot,
+``upto - 1``, into its page, which opens a page when the slot is its first.
 """
 import torch
 
 from rocketkv.core.cache import CompressedLayer
+from rocketkv.core.methods.ops import ceil_div
 
 
-def index_pages(layer: CompressedLayer, page_size: int, upto: int | None = None) -> None:
-    """Cover slots ``[0, upto)`` (all stored slots by default); a later call extends and redoes the last page."""
-    meta = layer.meta
-    stored = layer.stored if upto is None else upto
-    indexed = meta.get("pages_cover", 0)
-    if indexed == stored and "page_min_t" in meta:
-        return
-    first_page = indexed // page_size
-    start = first_page * page_size
-    keys = layer.keys[:, :, start:stored]
-    n_new = keys.shape[2]
-    n_pages = -(-n_new // page_size)
-    pad = n_pages * page_size - n_new
+def index_pages(layer: CompressedLayer, page_size: int, upto: int | torch.Tensor | None = None) -> None:
+    if upto is None or isinstance(upto, int):
+        _build(layer, page_size, layer.stored if upto is None else upto)
+    else:
+        _fold_newest(layer, page_size, upto)
+
+
+def _build(layer: CompressedLayer, page_size: int, upto: int) -> None:
+    keys = layer.keys[:, :, :upto]
     b, hkv, _, d = keys.shape
+    n_pages = ceil_div(upto, page_size)
+    pad = n_pages * page_size - upto
     if pad:
-        filler = keys[:, :, -1:].expand(b, hkv, pad, d)  # repeating a real key leaves min/max unchanged
-        keys = torch.cat([keys, filler], dim=2)
+        keys = torch.cat([keys, keys[:, :, -1:].expand(b, hkv, pad, d)], dim=2)  # a repeated key: same min/max
     pages = keys.view(b, hkv, n_pages, page_size, d)
-    new_min = pages.amin(dim=3).transpose(2, 3)
-    new_max = pages.amax(dim=3).transpose(2, 3)
-    if "page_min_t" in meta:
-        new_min = torch.cat([meta["page_min_t"][..., :first_page], new_min], dim=-1)
-        new_max = torch.cat([meta["page_max_t"][..., :first_page], new_max], dim=-1)
-    meta["page_min_t"] = new_min.contiguous()
-    meta["page_max_t"] = new_max.contiguous()
-    meta["pages_cover"] = stored
+    for name, bound in (("page_min_t", pages.amin(dim=3)), ("page_max_t", pages.amax(dim=3))):
+        table = layer.keys.new_zeros(b, hkv, d, ceil_div(layer.capacity, page_size))
+        table[..., :n_pages] = bound.transpose(2, 3)
+        layer.meta[name] = table
 
 
-def page_to_slots(page_scores: torch.Tensor, page_size: int, upto: int) -> torch.Tensor:
-    """Broadcast per-page scores ``[..., P]`` to the first ``upto`` slots ``[..., upto]``."""
-    return page_scores.repeat_interleave(page_size, dim=-1)[..., :upto]
+def _fold_newest(layer: CompressedLayer, page_size: int, upto: torch.Tensor) -> None:
+    meta = layer.meta
+    if meta["page_min_t"].shape[-1] < ceil_div(layer.capacity, page_size):  # the buffers grew (eager decode only)
+        grow = ceil_div(layer.capacity, page_size) - meta["page_min_t"].shape[-1]
+        for name in ("page_min_t", "page_max_t"):
+            meta[name] = torch.nn.functional.pad(meta[name], (0, grow))
+    slot = (upto - 1).view(1)
+    page = slot // page_size
+    key = layer.keys.index_select(2, slot).transpose(2, 3)  # [B,Hkv,d,1]
+    opens = slot % page_size == 0
+    for name, fold in (("page_min_t", torch.minimum), ("page_max_t", torch.maximum)):
+        table = meta[name]
+        table.index_copy_(-1, page, torch.where(opens, key, fold(table.index_select(-1, page), key)))
+
+
+def live_pages(layer: CompressedLayer, page_size: int, upto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P]`` bool: the pages holding slots below ``upto``; and their count (a device scalar)."""
+    n_pages = (upto + page_size - 1) // page_size
+    table = layer.meta["page_min_t"]
+    return torch.arange(table.shape[-1], device=table.device) < n_pages, n_pages
+
+
+def table_bytes(layer: CompressedLayer, page_size: int) -> int:
+    """Bytes of the page min/max keys of the pages that hold stored slots (the tables have room for more)."""
+    tables = [layer.meta[name] for name in ("page_min_t", "page_max_t") if name in layer.meta]
+    pages = ceil_div(layer.stored, page_size)
+    return sum(t[..., :pages].numel() * t.element_size() for t in tables)
+
+
+def page_to_slots(page_scores: torch.Tensor, page_size: int, slots: int) -> torch.Tensor:
+    """Broadcast per-page scores ``[..., P]`` to the first ``slots`` slots ``[..., slots]``."""
+    return page_scores.repeat_interleave(page_size, dim=-1)[..., :slots]

@@ -11,7 +11,7 @@ from rocketkv.core import kernels
 from rocketkv.core.methods.base import Method, StepCost, register
 from rocketkv.core.methods.ops import (attend_indices, ceil_div, covers_sequence, mean_count, seq_len_for_plan,
                                        topk_slots)
-from rocketkv.core.methods.pages import index_pages
+from rocketkv.core.methods.pages import index_pages, table_bytes, live_pages
 
 
 def selected_pages(topk: int, page_size: int) -> int:
@@ -44,14 +44,17 @@ class Quest(Method):
     def index(self, layer, plan, upto=None):
         index_pages(layer, plan["page_size"], upto)
 
+    def metadata_bytes(self, layer, plan):
+        return table_bytes(layer, plan["page_size"])
+
     def decode(self, layer, q, upto, plan, scaling):
         p = plan["page_size"]
-        n_pages = ceil_div(upto, p)
-        pmin, pmax = layer.meta["page_min_t"][..., :n_pages], layer.meta["page_max_t"][..., :n_pages]
-        bounds = kernels.quest_page_scores(q, pmin, pmax, backend=self.kernels)  # [B,Hkv,g,P]
-        group_bounds = bounds.sum(dim=2, keepdim=True)  # pages chosen per KV group
+        bounds = kernels.quest_page_scores(q, layer.meta["page_min_t"], layer.meta["page_max_t"],
+                                           backend=self.kernels)  # [B,Hkv,g,P]
+        live, n_pages = live_pages(layer, p, upto)
+        group_bounds = bounds.sum(dim=2, keepdim=True).masked_fill(~live, float("-inf"))  # pages chosen per group
         slots = page_slots(topk_slots(group_bounds, selected_pages(plan["topk"], p)), p, upto)  # [B,Hkv,1,m·p]
-        out = attend_indices(layer, q, slots, upto, scaling)
+        out = attend_indices(layer, q, slots, scaling, self.kernels)
         hkv, d = q.shape[1], q.shape[-1]
         attended = mean_count((slots >= 0).sum(-1))
-        return out, StepCost(attended, hkv * (n_pages * 2 * d + attended * 2 * d))
+        return out, StepCost(attended, hkv * (n_pages.double() * 2 * d + attended * 2 * d))

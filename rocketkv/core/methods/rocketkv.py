@@ -15,9 +15,9 @@ import torch
 
 from rocketkv.core import kernels
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import (attend_indices, ceil_div, covers_sequence, keep_selection, max_pool,
-                                       mean_count, seq_len_for_plan, topk_slots, window_scores)
-from rocketkv.core.methods.pages import index_pages, page_to_slots
+from rocketkv.core.methods.ops import (attend_indices, covers_sequence, keep_selection, max_pool, mean_count,
+                                       seq_len_for_plan, topk_slots, valid_slots, window_scores)
+from rocketkv.core.methods.pages import index_pages, table_bytes, page_to_slots
 from rocketkv.core.methods.sparq import sparq_temperature
 
 
@@ -62,20 +62,24 @@ class RocketKV(Method):
     def index(self, layer, plan, upto=None):
         index_pages(layer, plan["page_size"], upto)
 
+    def metadata_bytes(self, layer, plan):
+        return table_bytes(layer, plan["page_size"])
+
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape
         p = plan["page_size"]
-        n_pages = ceil_div(upto, p)
         group_q = q.float().sum(dim=2)  # [B,Hkv,d]
         signs = torch.where(group_q > 0, 1.0, -1.0)
         channels = q.float().abs().sum(dim=2).topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,r]
-        page_logits = kernels.rocketkv_page_scores(
-            q, layer.meta["page_min_t"][..., :n_pages], layer.meta["page_max_t"][..., :n_pages], channels,
-            signs.gather(-1, channels), backend=self.kernels)  # [B,Hkv,g,P]
+        page_logits = kernels.rocketkv_page_scores(q, layer.meta["page_min_t"], layer.meta["page_max_t"], channels,
+                                                   signs.gather(-1, channels), backend=self.kernels)  # [B,Hkv,g,P]
         tau = sparq_temperature(q, channels.unsqueeze(2).expand(b, hkv, g, channels.shape[-1]))
-        token_logits = page_to_slots(page_logits, p, upto) / tau[..., None]
-        probs = torch.softmax(token_logits, dim=-1).mean(dim=2, keepdim=True)  # [B,Hkv,1,S]
-        idx = topk_slots(probs, plan["topk"])
-        out = attend_indices(layer, q, idx, upto, scaling)
+        valid = valid_slots(layer, upto)
+        token_logits = (page_to_slots(page_logits, p, layer.capacity) / tau[..., None]).masked_fill_(~valid,
+                                                                                                   float("-inf"))
+        probs = torch.softmax(token_logits, dim=-1).mean(dim=2, keepdim=True)  # [B,Hkv,1,C]
+        idx = topk_slots(probs.masked_fill_(~valid, float("-inf")), plan["topk"])
+        out = attend_indices(layer, q, idx, scaling, self.kernels)
         attended = mean_count((idx >= 0).sum(-1))
-        return out, StepCost(attended, hkv * (n_pages * plan["channels"] + attended * 2 * d))
+        n_pages = (upto + p - 1) // p
+        return out, StepCost(attended, hkv * (n_pages.double() * plan["channels"] + attended * 2 * d))

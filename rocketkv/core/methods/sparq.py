@@ -28,28 +28,26 @@ class SparQ(Method):
 
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape
-        keys = layer.keys[:, :, :upto].float()
         channels = q.abs().topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,g,r], per head
         q_on_channels = torch.zeros_like(q, dtype=torch.float32).scatter_(-1, channels, q.float().gather(-1, channels))
-        logits = torch.einsum("bhgd,bhsd->bhgs", q_on_channels, keys).div_(sparq_temperature(q, channels)[..., None])
+        logits = torch.einsum("bhgd,bhsd->bhgs", q_on_channels, layer.keys.float())
         vis = visible_mask(layer, upto)
-        if vis is not None:
-            logits.masked_fill_(~vis, float("-inf"))
+        logits = logits.div_(sparq_temperature(q, channels)[..., None]).masked_fill_(~vis, float("-inf"))
         approx = torch.softmax(logits, dim=-1)
         idx = topk_slots(logits, plan["topk"])  # [B,Hkv,g,k]: softmax keeps the order, and -inf marks hidden slots
-        y_k = attend_indices(layer, q, idx, upto, scaling).float()
+        y_k = attend_indices(layer, q, idx, scaling, self.kernels).float()
         chosen = idx >= 0
         alpha = approx.gather(-1, idx.clamp(min=0)).masked_fill(~chosen, 0).sum(-1, keepdim=True)
-        n_visible = upto if vis is None else vis.sum(-1, keepdim=True)
+        if layer.visible is None:  # every head sees the same slots: one mean per KV head
+            n_visible = upto.float()
+            mean_v = torch.einsum("s,bhsd->bhd", vis[0].float(), layer.values.float())[:, :, None] / n_visible
+        else:
+            n_visible = vis.sum(-1, keepdim=True)
+            mean_v = torch.einsum("bhgs,bhsd->bhgd", vis.float(), layer.values.float()) / n_visible
         # a head that chose every visible token attends exactly: no reallocation
         alpha = alpha.masked_fill(chosen.sum(-1, keepdim=True) >= n_visible, 1.0)
-        values = layer.values[:, :, :upto].float()
-        if vis is None:
-            mean_v = values.mean(dim=2, keepdim=True)  # [B,Hkv,1,d]
-        else:
-            mean_v = torch.einsum("bhgs,bhsd->bhgd", vis.float(), values) / n_visible
         out = alpha * y_k + (1 - alpha) * mean_v
         union_channels = union_count(channels, d).float().sum().double() / b
-        union_tokens = union_count(idx, upto).float().sum().double() / b
-        cost = StepCost(mean_count(chosen.sum(-1)), union_channels * upto + union_tokens * 2 * d + hkv * d)
-        return out.to(q.dtype), cost
+        union_tokens = union_count(idx, layer.capacity).float().sum().double() / b
+        elements = union_channels * upto.double() + union_tokens * 2 * d + hkv * d
+        return out.to(q.dtype), StepCost(mean_count(chosen.sum(-1)), elements)

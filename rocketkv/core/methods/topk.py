@@ -16,13 +16,10 @@ class ExactTopK(Method):
         return {"topk": self.budget, "dense": covers_sequence(self.budget, prompt_len, max_new_tokens)}
 
     def decode(self, layer, q, upto, plan, scaling):
-        keys = layer.keys[:, :, :upto]
-        scores = torch.einsum("bhgd,bhsd->bhgs", q.float(), keys.float())
-        vis = visible_mask(layer, upto)
-        if vis is not None:
-            scores.masked_fill_(~vis, float("-inf"))
+        scores = torch.einsum("bhgd,bhsd->bhgs", q.float(), layer.keys.float())
+        scores.masked_fill_(~visible_mask(layer, upto), float("-inf"))
         idx = topk_slots(scores, plan["topk"])  # [B,Hkv,g,k]: one set per query head
-        out = attend_indices(layer, q, idx, upto, scaling)
-        d, hkv = keys.shape[-1], keys.shape[1]
-        values_read = union_count(idx, upto).float().sum().double() / q.shape[0]
-        return out, StepCost(mean_count((idx >= 0).sum(-1)), upto * d * hkv + values_read * d)
+        out = attend_indices(layer, q, idx, scaling, self.kernels)
+        b, hkv, _, d = q.shape
+        values_read = union_count(idx, layer.capacity).float().sum().double() / b
+        return out, StepCost(mean_count((idx >= 0).sum(-1)), upto.double() * (d * hkv) + values_read * d)
