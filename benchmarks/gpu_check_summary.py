@@ -47,17 +47,21 @@ def kernel_rows(kernels_json: Path) -> list[list[str]]:
     return rows
 
 
-def efficiency_rows(results: Path) -> list[list[str]]:
+def efficiency_metrics(results: Path) -> list[dict]:
     metrics = []
     for path in sorted(results.glob("runs/efficiency/*/*/*/*/metrics.json")):
         m = json.loads(path.read_text())
         if isinstance(m.get("efficiency"), dict):
             metrics.append(m)
-    if not metrics:
-        return [["efficiency", "missing", "", f"no efficiency metrics under {results}"]]
     metrics.sort(key=lambda m: (not m["run"].get("reference"), m["run"]["method"], m["run"]["budget"] or 0))
+    return metrics
+
+
+def efficiency_rows(metrics: list[dict]) -> list[list[str]]:
+    if not metrics:
+        return [["efficiency", "missing", "", "no efficiency metrics"]]
     rows = []
-    for length, m, e, ref in cells_by_length(metrics):
+    for length, m, e, ref in sorted(cells_by_length(metrics), key=lambda c: (c[2].get("batch", 1), c[0])):
         speed = e.get("decode_tokens_per_s")
         floor = floor_ms_per_step(m.get("context") or {}, e.get("bytes_read_per_step"), e.get("batch", 1))
         result = (f"{speed:.1f} tok/s ({ratio(speed, ref.get('decode_tokens_per_s'))} full), "
@@ -68,6 +72,44 @@ def efficiency_rows(results: Path) -> list[list[str]]:
                   if speed else "no timing")
         rows.append([f"  {m['run']['model']} len={length} batch={e.get('batch', 1)} {cell_label(m)}", "ok", "",
                      result])
+    return rows
+
+
+def _cell(metrics: list[dict], method: str, budget, length: int, batch: int):
+    """(this cell's numbers, full KV's at the same length and batch), or (None, {})."""
+    for n, m, e, ref in cells_by_length(metrics):
+        if (m["run"]["method"], m["run"]["budget"], n, e.get("batch", 1)) == (method, budget, length, batch):
+            return e, ref
+    return None, {}
+
+
+def target_rows(metrics: list[dict], kernels_json: Path) -> list[list[str]]:
+    """The issue's targets for one H200 run, each met or not (or missing)."""
+    rows = []
+
+    def check(name, value, bound, met):
+        status = "missing" if value is None else ("met" if met(value) else "NOT met")
+        rows.append([f"  {name}", status, "", "-" if value is None else f"{value:.2f} ({bound})"])
+
+    full, _ = _cell(metrics, "full", None, 32768, 1)
+    floor = full and floor_ms_per_step(next(m.get("context") for m in metrics if m["run"].get("reference")),
+                                       full.get("bytes_read_per_step"), 1)
+    check("full KV ms/step / floor, 32k batch 1", full and floor and full["ms_per_step"] / floor, "<= 1.5",
+          lambda v: v <= 1.5)
+    for length, batch, least in ((98304, 1, 1.7), (32768, 8, 5.0)):
+        e, ref = _cell(metrics, "rocketkv", 256, length, batch)
+        speedup = e and ref.get("decode_tokens_per_s") and e["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        check(f"rocketkv@256 tok/s / full's, {length // 1024}k batch {batch}", speedup or None, f">= {least}",
+              lambda v, least=least: v >= least)
+    e, ref = _cell(metrics, "rocketkv", 256, 98304, 1)
+    peak = e and ref.get("decode_peak_mem_bytes") and e.get("decode_peak_mem_bytes") and \
+        1 - e["decode_peak_mem_bytes"] / ref["decode_peak_mem_bytes"]
+    check("rocketkv@256 peak memory below full's, 96k batch 1", peak or None, ">= 0.40", lambda v: v >= 0.40)
+    if kernels_json.is_file():
+        for r in json.loads(kernels_json.read_text()):
+            if "triton_us" in r:
+                check(f"{r['kernel']} {r['dtype']} / floor, 32k/256", r["triton_us"] / r["floor_us"], "<= 2",
+                      lambda v: v <= 2.0)
     return rows
 
 
@@ -85,13 +127,15 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, required=True)
     args = ap.parse_args(argv)
     steps = step_rows(args.steps)
+    metrics = efficiency_metrics(args.results)
     rows = []
     for row in steps:
         rows.append(row)
         if row[0].startswith("kernel bench"):
             rows += kernel_rows(args.kernels)
-        elif row[0].startswith("efficiency"):
-            rows += efficiency_rows(args.results)
+    if any(row[0].startswith("efficiency") for row in steps):
+        rows += [["efficiency cells", "", "", ""], *efficiency_rows(metrics)]
+    rows += [["targets (H200)", "", "", ""], *target_rows(metrics, args.kernels)]
     failed = [r[0] for r in steps if r[1] != "ok"]
     total = sum(int(r[2]) for r in steps if r[2].isdigit())
     print(f"== gpu_check summary: {len(steps) - len(failed)}/{len(steps)} steps ok, {total} s ==")

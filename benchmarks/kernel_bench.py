@@ -3,7 +3,7 @@
 Default shape: Llama-3.1-8B decode (8 KV heads, g=4, d=128) at a 32k context
 with a 256-token budget. For each kernel it prints time, achieved GB/s over the
 bytes-moved floor (every byte the kernel must read, plus its output), the floor
-time (floor bytes at --peak-gbps), each backend's time as a multiple of it, and
+time (floor bytes at --peak-gbps, by default a device-to-device copy's bandwidth measured in the run), each backend's time as a multiple of it, and
 the torch/triton time ratio. Needs CUDA; on CPU it says so and times the torch
 path at a tiny size. --json PATH also writes the rows as JSON.
 
@@ -21,9 +21,8 @@ from typing import Callable
 
 import torch
 
+from evals.efficiency.floor import copy_bandwidth
 from rocketkv.core import kernels
-
-H200_PEAK_GBPS = 4800.0
 
 
 @dataclass
@@ -105,8 +104,9 @@ def main(argv=None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--channels", type=int, default=32, help="r, channels kept by rocketkv_page_scores")
     parser.add_argument("--dtypes", default="float16,bfloat16")
-    parser.add_argument("--peak-gbps", type=float, default=H200_PEAK_GBPS,
-                        help="HBM peak for the %%peak, floor us and x floor columns")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="bandwidth for the %%peak, floor us and x floor columns (default: a device-to-device "
+                             "copy measured in this run, counting bytes read and written)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
         print("Timing the torch path only, at a tiny size (context 2048, budget 64).\n")
         device, backends = "cpu", ("torch",)
         args.context, args.budget = 2048, 64
+    if args.peak_gbps is None:
+        args.peak_gbps = copy_bandwidth(torch.device(device)) / 1e9
 
     print(
         f"B={args.batch} Hkv={args.kv_heads} g={args.group} d={args.head_dim} context={args.context} "

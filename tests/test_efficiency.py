@@ -208,3 +208,47 @@ def test_gpu_check_summary_is_one_table(tmp_path, capsys):
     assert "2/3 steps ok, 261 s" in out and "40 passed, 2 skipped" in out
     assert "triton 9.0 us = 10.0x floor (0.9 us); torch 90.0 us = 10.00x triton" in out
     assert "no efficiency metrics" in out and "FAILED: efficiency (m)" in out
+
+
+def test_gpu_check_summary_checks_the_targets(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", REPO / "benchmarks" / "gpu_check_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    context = {"weight_bytes": 16e9, "copy_bytes_per_s": 4e12}
+
+    def cell(method, budget, cells):
+        return {"run": {"method": method, "budget": budget, "model": "m", "reference": method == "full"},
+                "context": context,
+                "efficiency": {str(n): {"batch": b, "decode_tokens_per_s": tps, "ms_per_step": 1e3 * b / tps,
+                                        "bytes_read_per_step": read, "decode_peak_mem_bytes": peak}
+                               for n, b, tps, read, peak in cells}}
+
+    metrics = [cell("full", None, [(32768, 1, 200.0, 4e9, 22e9), (98304, 1, 100.0, 12e9, 30e9)]),
+               cell("full", None, [(32768, 8, 400.0, 4e9, 60e9)]),  # a batch-8 run: a results folder of its own
+               cell("rocketkv", 256, [(98304, 1, 180.0, 1e8, 17e9)]),
+               cell("rocketkv", 256, [(32768, 8, 1600.0, 1e8, 17e9)])]
+    (tmp_path / "kb.json").write_text(json.dumps([
+        {"kernel": "sparse_decode_attention", "dtype": "bfloat16", "triton_us": 3.0, "floor_us": 1.0},
+        {"kernel": "quest_page_scores", "dtype": "bfloat16", "triton_us": 1.5, "floor_us": 1.0}]))
+    rows = {r[0].strip(): (r[1], r[3]) for r in summary.target_rows(metrics, tmp_path / "kb.json")}
+    # full at 32k: 5 ms/step against (16e9 + 4e9) / 4e12 = 5 ms: 1.00x its floor
+    assert rows["full KV ms/step / floor, 32k batch 1"] == ("met", "1.00 (<= 1.5)")
+    assert rows["rocketkv@256 tok/s / full's, 96k batch 1"] == ("met", "1.80 (>= 1.7)")
+    assert rows["rocketkv@256 tok/s / full's, 32k batch 8"] == ("NOT met", "4.00 (>= 5.0)")
+    assert rows["rocketkv@256 peak memory below full's, 96k batch 1"] == ("met", "0.43 (>= 0.40)")
+    assert rows["sparse_decode_attention bfloat16 / floor, 32k/256"] == ("NOT met", "3.00 (<= 2)")
+    assert rows["quest_page_scores bfloat16 / floor, 32k/256"] == ("met", "1.50 (<= 2)")
+    assert {r[1] for r in summary.target_rows([], tmp_path / "missing.json")} == {"missing"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_cuda_floor_inputs_and_peak_memory():
+    from evals.efficiency.floor import copy_bandwidth
+    from rocketkv.harness.memory import PeakMemory
+
+    device = torch.device("cuda")
+    assert copy_bandwidth(device) > 1e11  # any data-centre GPU moves well over 100 GB/s
+    mem = PeakMemory(device)
+    mem.reset()
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
+    assert mem.source == "cuda_max_allocated" and mem.read() >= block.numel()

@@ -80,3 +80,16 @@ def test_the_efficiency_task_runs_a_random_architecture(compose_cfg, tmp_path):
                               "update_leaderboard=false", "progress=false"))
     assert [m["run"]["method"] for m in results] == ["full", "rocketkv"]
     assert all(m["efficiency"]["256"]["decode_tokens_per_s"] > 0 for m in results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_weights_are_made_on_the_gpu_in_the_target_dtype():
+    spec = ModelSpec(name="small-random", source="random_weights", max_len=4096, architecture=SMALL,
+                     dtype="bfloat16", device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    model, _ = load_model(spec)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert {p.device.type for p in model.parameters()} == {"cuda"} and model.dtype == torch.bfloat16
+    assert torch.cuda.max_memory_allocated() < 3 * weights  # no float32 copy on the device either
+    cpu, _ = load_model(ModelSpec(**{**spec.__dict__, "device": "cpu"}))
+    assert cpu.lm_head.weight.dtype == torch.bfloat16 and cpu.lm_head.weight.shape == model.lm_head.weight.shape

@@ -14,16 +14,19 @@ PEAK_LABELS = {
 
 
 def cells_by_length(results: list[dict]):
-    """Every efficiency cell of a run at every length, in the order given, as ``(length, metrics, this cell's
-    numbers at that length, the full-KV cell's numbers there, or {} when full KV is not in the run)``."""
+    """Every efficiency cell of the results at every length, in the order given, as ``(length, metrics, this
+    cell's numbers at that length, the full-KV numbers at the same length and batch size, or {} when none)``."""
     cells = [m for m in results if isinstance(m.get("efficiency"), dict)]
-    reference = next((m for m in cells if m["run"].get("reference")), None)
+    references = {}
+    for m in cells:
+        if m["run"].get("reference"):
+            for n, e in m["efficiency"].items():
+                references.setdefault((int(n), e.get("batch", 1)), e)
     for n in sorted({int(n) for m in cells for n in m["efficiency"]}):
-        ref = (reference or {}).get("efficiency", {}).get(str(n), {})
         for m in cells:
             e = m["efficiency"].get(str(n))
             if e is not None:
-                yield n, m, e, ref
+                yield n, m, e, references.get((n, e.get("batch", 1)), {})
 
 
 def cell_label(metrics: dict) -> str:
