@@ -108,11 +108,20 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
 
 
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best slots along the last axis, in no particular order; -inf scores never count
-    (returned as -1)."""
+    """Indices of the ``k`` best slots along the last axis, ascending; -inf scores never count (-1 pads the end).
+
+    Equal scores at the cut (RocketKV's tokens of one page share their page's score) go to the lower slots, so the
+    choice does not depend on how far past the live slots the buffer reaches, nor on ``topk``'s internal order.
+    Static shapes, no host reads."""
     k = min(k, scores.shape[-1])
-    vals, idx = scores.topk(k, dim=-1, sorted=False)
-    return idx.masked_fill(torch.isneginf(vals), -1)
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = scores > kth
+    tied = scores == kth
+    chosen = (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))) & ~torch.isneginf(scores)
+    rank = torch.where(chosen, chosen.cumsum(-1) - 1, k)  # unchosen slots land in a column past the k kept
+    slots = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    out = torch.full((*scores.shape[:-1], k + 1), -1, dtype=torch.long, device=scores.device)
+    return out.scatter_(-1, rank, slots)[..., :k]
 
 
 def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,
