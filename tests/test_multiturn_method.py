@@ -180,3 +180,13 @@ def test_one_shot_method_keeps_its_cache_across_turns():
         layer.begin_turn(200)
     assert layer.compressed and layer.history_keys is None and layer.capacity >= layer.stored + 200
     assert torch.equal(stored(layer, "positions"), kept)
+
+
+def test_rocketkv_mt_on_one_prompt_is_rocketkv():
+    model = peaky_model()
+    turns = conversation(4, lengths=(150,))
+    mt, _, mt_stats = compressed_conversation(model, "rocketkv_mt", 32, turns)
+    plain, _, plain_stats = compressed_conversation(model, "rocketkv", 32, turns)
+    assert mt == plain
+    assert mt_stats["attended_tokens"] == plain_stats["attended_tokens"]
+    assert mt_stats["stored_kv_bytes"] > plain_stats["stored_kv_bytes"]  # its history besides
