@@ -96,6 +96,18 @@ tokens one step each while the others prefill it."""
     assert [layer.history_keys is not None for layer in layers] == [sparse and i >= skip for i in range(len(layers))]
 
 
+@pytest.mark.parametrize("method,opts", [("topk", {}), ("quest", {}), ("sparq", {}), ("rocketkv", {}),
+                                         ("snapkv", {"selection": "group"})])
+def test_one_shot_methods_covering_the_conversation_equal_full_kv(method, opts):
+    """A one-shot method decodes a later turn's tokens one step each with its own decode (its buffers and metadata
+    grown by ``next_turn``); at a budget covering the conversation, forced through its own code, that is exact."""
+    model = peaky_model()
+    turns = conversation(5)
+    tokens, layers, _ = compressed_conversation(model, method, 1024, turns, sparse=True, **opts)
+    assert tokens == stock_conversation(model, turns)
+    assert layers[0].history_keys is None and layers[0].compressed
+
+
 def test_rocketkv_mt_three_turns_at_a_small_budget():
     model = peaky_model()
     turns = conversation(2)
