@@ -4,6 +4,10 @@ A task turns its config into a deterministic list of ``Sample`` objects, scores 
 aggregates the scored records of a run into ``metrics.json`` fields.  The runner owns tokenisation of the final
 prompt, middle truncation to the model's context, the chat template, generation and the results files; a task
 never sees a KV method.  A task that needs exact token ids (``task=efficiency``) gives them in ``prompt_ids``.
+
+A multi-turn task (``multi_turn = True``) gives conversations: a sample's ``prompt`` is the shared context and its
+``turns`` the questions asked one after another; the runner feeds each turn after the previous answer onto one
+carried cache, scores each answer with ``score_turn`` and writes one record per conversation with its turns.
 """
 from __future__ import annotations
 
@@ -12,6 +16,15 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+@dataclass
+class Turn:
+    """One turn of a conversation: its text (fed after the history: the context, earlier turns and answers)."""
+
+    prompt: str
+    references: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -27,6 +40,8 @@ class Sample:
     answer_prefix: str = ""  # text appended after the chat template (RULER's answer prefixes)
     # exact prompt token ids, used as they are (no template, no truncation); a list of equal-length rows is a batch
     prompt_ids: list[int] | list[list[int]] | None = None
+    # a conversation (multi-turn tasks): ``prompt`` is the shared context, each turn decodes ``max_new_tokens``
+    turns: list[Turn] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +82,8 @@ class Task(ABC):
     score_name: str = "score"
     # The score says how well a model answers, so models with random weights (speed studies) are refused.
     measures_accuracy: bool = True
+    # Samples are conversations (``Sample.turns``), scored per turn with ``score_turn``.
+    multi_turn: bool = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -88,6 +105,10 @@ class Task(ABC):
         The default scores the prediction text; a task that scores something else (speed) overrides this.
         """
         return self.score(sample, record["prediction"])
+
+    def score_turn(self, sample: Sample, turn: int, prediction: str) -> float:
+        """Score of the answer to ``sample.turns[turn]``, 0-100 (multi-turn tasks)."""
+        raise NotImplementedError(f"task {self.name!r} is not multi-turn")
 
     def aggregate(self, records: list[dict]) -> dict:
         """Fields for ``metrics.json`` from the scored prediction records of a run.
@@ -119,6 +140,25 @@ def mean_over_subtasks(records: list[dict]) -> dict:
     subtasks = {k: {"score": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_sub.items())}
     score = sum(s["score"] for s in subtasks.values()) / len(subtasks) if subtasks else float("nan")
     return {"score": score, "subtasks": subtasks}
+
+
+def mean_over_turns(records: list[dict]) -> dict:
+    """Conversations' records: the headline is the mean over every turn of every conversation; ``subtasks`` holds
+    the mean per turn index (``turn1``, ``turn2``, ...; prefixed with the sample's subtask when it has one) and
+    per subtask."""
+    groups: dict[str, list[float]] = {}
+    every = []
+    for r in records:
+        sub = r.get("subtask", "")
+        for i, turn in enumerate(r["turns"]):
+            score = float(turn["score"])
+            every.append(score)
+            groups.setdefault(f"{sub}/turn{i + 1}" if sub else f"turn{i + 1}", []).append(score)
+            if sub:
+                groups.setdefault(sub, []).append(score)
+    subtasks = {k: {"score": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+    return {"score": sum(every) / len(every) if every else float("nan"), "subtasks": subtasks,
+            "n_turns": len(every)}
 
 
 def stable_hash(obj: Any, n: int = 10) -> str:

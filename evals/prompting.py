@@ -64,3 +64,16 @@ def _wrap(tokenizer: Any, text: str, chat: bool, answer_prefix: str) -> list[int
                                                  add_generation_prompt=True)
         return tokenizer(rendered + answer_prefix, add_special_tokens=False).input_ids
     return tokenizer(text + answer_prefix, add_special_tokens=True).input_ids
+
+
+def conversation_token_ids(tokenizer: Any, sample: Sample, model_max_len: int) -> list[list[int]]:
+    """Token ids of each turn of a conversation: the first holds the context and the first turn's text, the
+    others their turn's text only (each is fed after the previous answer).  Raw text, no chat template.  The
+    context is truncated in the middle so that every turn and every answer (``max_new_tokens`` each) fits."""
+    turns = [tokenizer(t.prompt, add_special_tokens=False).input_ids for t in sample.turns]
+    context = tokenizer(sample.prompt, add_special_tokens=True).input_ids
+    room = model_max_len - sum(len(t) for t in turns) - len(turns) * sample.max_new_tokens
+    if room < 1:
+        raise ValueError(f"sample {sample.id!r}: its {len(turns)} turns and their answers do not fit the model's max "
+                         f"length {model_max_len}")
+    return [truncate_middle(context, room) + turns[0], *turns[1:]]

@@ -6,7 +6,9 @@ keyword arguments on to every attention call; the session's pre-forward hook add
 under ``CACHE_KWARG``, and the attention module's ``layer_idx`` picks its layer.
 
 Prefill attention is exact and dense.  After it each layer is compressed by its method; the prompt's last
-token is then the first decode step.  A forward that feeds several tokens after the prefill decodes them one
+token is then the first decode step.  A later turn of a conversation is a prefill again for a layer that kept its
+history (``CompressedLayer.begin_turn``): its queries attend densely to the whole history and the method compresses
+it afresh; every other layer decodes the turn's tokens one step at a time.  A forward that feeds several tokens after the prefill decodes them one
 step at a time, token i seeing the slots up to its own.
 """
 from __future__ import annotations
@@ -77,14 +79,19 @@ def _prefill(layer: CompressedLayer, query: torch.Tensor, q: torch.Tensor, scali
                                        group_size=state.group_size)
     method = state.method_for(layer.layer_idx)
     split = n - 1 if method.decode_last_prompt_token and state.split_prefill and n >= 2 else n
+    # slots before this forward: none at the first prefill; the whole history at a later turn's (``begin_turn``)
+    offset = layer.stored - n
     if state.capture_window:
         # a copy: a view would keep every prefill query of the layer alive for as long as the shared cache
         layer.captured_q = q[..., max(0, split - state.capture_window):split, :].clone()
         layer.captured_scaling = scaling
-    prefix_out = F.scaled_dot_product_attention(query[:, :, :split], layer.keys[:, :, :split],
-                                                layer.values[:, :, :split], is_causal=True, scale=scaling,
+    causal = None if offset == 0 else \
+        layer.slot_index[:offset + split] <= offset + torch.arange(split, device=query.device)[:, None]
+    prefix_out = F.scaled_dot_product_attention(query[:, :, :split], layer.keys[:, :, :offset + split],
+                                                layer.values[:, :, :offset + split], attn_mask=causal,
+                                                is_causal=causal is None, scale=scaling,
                                                 enable_gqa=layer.keys.shape[1] != query.shape[1])
-    compress_layer(layer, q[..., :split, :], split, scaling)
+    compress_layer(layer, q[..., :split, :], offset + split, scaling)
     if split == n:
         return prefix_out
     return torch.cat([prefix_out, _decode(layer, q[:, :, :, split:], scaling)], dim=2)

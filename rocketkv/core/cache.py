@@ -13,7 +13,16 @@ decode that runs past it grows the buffers.
 
 What a method may use (the rest is the session's): ``keys``, ``values``, ``positions``, ``visible``, ``length``
 and ``stored`` to read; ``slot_index`` (``arange(C)``); ``keep(slots, visible)`` to evict; ``meta``, a dict of the
-method's own metadata (its tensors count as metadata bytes, and ``keep`` clears it).
+method's own metadata (its tensors count as metadata bytes, and ``keep`` clears it); ``track_history()`` to keep
+every token beside the working set.
+
+Multi-turn: the buffers above are the *working set* a decode step reads.  A method that calls ``track_history()``
+in its ``compress`` (RocketKV-MT) makes the layer also keep the whole history, every token seen in position order,
+in two more buffers (``history_keys``/``history_values``, ``[B, Hkv, H, d]``, K/V once per KV head; slot ``j`` holds
+position ``j``, so ``seen_t`` counts their slots).  Every later token is written to both.  ``begin_turn`` (the
+session's ``next_turn``) then hands the history back as the working set, uncompressed, so the new turn's prefill
+compresses the whole history again; a layer that tracks nothing keeps its compressed working set across turns and
+only makes room for the turn.
 """
 from __future__ import annotations
 
@@ -60,7 +69,9 @@ class CompressedLayer(DynamicLayer):
         self.kept_after_prefill: float | None = None
         self.captured_q: torch.Tensor | None = None  # last prefill queries, kept for a grid's shared prefill
         self.captured_scaling: float | None = None
-        self._borrowed = False  # the buffers are a shared prefill's: read them, never write them
+        self._borrowed = False  # the buffers are a shared prefill's (or the history's): read them, never write them
+        self.history_keys: torch.Tensor | None = None  # every token seen, in position order (``track_history``)
+        self.history_values: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -111,6 +122,11 @@ class CompressedLayer(DynamicLayer):
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
         self.positions.index_copy_(2, slots, (self.seen_t + new).expand(b, h, n))
+        if self.history_keys is not None:
+            if self.seen + n > self.history_keys.shape[2]:
+                self._grow_history(self.seen + n + self._spare())
+            self.history_keys.index_copy_(2, self.seen_t + new, key_states)
+            self.history_values.index_copy_(2, self.seen_t + new, value_states)
         self.length += n
         self.seen_t += n
         self.stored += n
@@ -136,6 +152,48 @@ class CompressedLayer(DynamicLayer):
         capacity = prompt_slots + 1 + self._spare()
         if self._borrowed or capacity != self.capacity:
             self._move_to(capacity)
+        if self.history_keys is not None and self.history_keys.shape[2] < self.seen + 1 + self._spare():
+            self._grow_history(self.seen + 1 + self._spare())
+
+    def track_history(self) -> None:
+        """Keep every token from now on beside the working set (a method calls this in ``compress``, before it
+        evicts, while the layer still holds every token seen).  The buffers as they are become the history (a
+        shared prefill's are copied); the working set reads them until ``keep`` or ``reserve`` gives it its own."""
+        if self.stored != self.seen:
+            raise RuntimeError("track_history needs every token seen in the layer: call it before evicting")
+        if self.history_keys is not None:
+            return
+        shared = self._borrowed
+        self.history_keys = self.keys.clone() if shared else self.keys
+        self.history_values = self.values.clone() if shared else self.values
+        self._borrowed = True
+
+    def _grow_history(self, capacity: int) -> None:
+        for name in ("history_keys", "history_values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])
+            new[:, :, :self.seen] = old[:, :, :self.seen]
+            setattr(self, name, new)
+
+    def begin_turn(self, room: int) -> None:
+        """Before the next turn of a conversation feeds its tokens: a layer that tracks its history takes it back as
+        the working set (every token, uncompressed: the turn's forward is a prefill again, and its method compresses
+        the whole history afresh); any other layer keeps its compressed slots and decodes the turn's tokens one step
+        at a time.  Either way its buffers get room for ``room`` more tokens, so the turn's decode never grows them."""
+        if self.history_keys is not None:
+            b, h = self.history_keys.shape[:2]
+            self.keys, self.values = self.history_keys, self.history_values
+            self.history_keys = self.history_values = None
+            self.slot_index = torch.arange(self.keys.shape[2], device=self.keys.device)
+            self.positions = torch.where(self.slot_index < self.seen, self.slot_index, -1).expand(b, h, -1).clone()
+            self.visible = None
+            self.meta = {}
+            self.stored = self.seen
+            self.length.fill_(self.seen)
+            self.compressed = False
+            self._borrowed = False
+        if self.stored + room > self.capacity:
+            self._move_to(self.stored + room + MIN_SPARE)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -161,7 +219,8 @@ class CompressedLayer(DynamicLayer):
             return 0
         per_slot = self.keys[:, :, :1].numel() * self.keys.element_size() \
             + self.values[:, :, :1].numel() * self.values.element_size()
-        return per_slot * self.stored
+        history = 0 if self.history_keys is None else self.seen
+        return per_slot * (self.stored + history)
 
     def meta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.meta.values() if isinstance(t, torch.Tensor))

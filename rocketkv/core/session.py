@@ -16,6 +16,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rocketkv.core.attention import ATTN_NAME, CACHE_KWARG, compress_layer
@@ -107,6 +108,18 @@ class CompressionSession:
             layer.share(src)
             compress_layer(layer, src.captured_q, src.stored, src.captured_scaling)
         return cache
+
+    def next_turn(self, cache: DynamicCache, turn_tokens: int, max_new_tokens: int | None = None) -> None:
+        """Prepare ``cache``, which holds the earlier turns of a conversation, for the next one: the caller then
+        feeds the turn's ``turn_tokens`` tokens (all but the last in one forward, then the last as the first decode
+        step, as for the first prompt) and decodes up to ``max_new_tokens``.  Layers whose method tracks its
+        history (RocketKV-MT) prefill the turn densely over the whole history and compress it again; every other
+        layer keeps what its method kept and decodes the turn's tokens with the method's decode, one step each
+        (one-shot methods compress at the first prefill only).  Statistics keep adding up over the turns."""
+        room = turn_tokens + 1 + self._max_new(max_new_tokens)
+        with torch.inference_mode(cache.layers[0].keys.is_inference()):  # as the forwards that built the cache
+            for layer in cache.layers:
+                layer.begin_turn(room)
 
     def _max_new(self, max_new_tokens: int | None = None) -> int:
         return max_new_tokens or self.max_new_tokens or self.model.generation_config.max_new_tokens or 128

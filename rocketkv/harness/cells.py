@@ -113,11 +113,20 @@ def grid_configs(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
+def plan_shape(sample: Sample, rows: list[list[int]]) -> tuple[int, int]:
+    """The (prompt length, new tokens) a sample's plan is made for: its prompt's.  For a conversation (``rows``
+    are its turns' token ids) the whole conversation: every turn and every answer but the last count as the prompt,
+    so a plan is dense only when it covers every token any turn can see."""
+    if sample.turns:
+        return sum(len(r) for r in rows) + (len(rows) - 1) * sample.max_new_tokens, sample.max_new_tokens
+    return len(rows[0]), sample.max_new_tokens
+
+
 def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, list[list[int]]], shape: AttentionShape,
                 model_max_len: int, skip: bool) -> list[Cell]:
     """Plan every cell for every prompt length before any decoding, so a budget that cannot work (e.g. below the
     observation window) fails at once, not half-way through a grid; ``skip`` drops such cells."""
-    shapes = sorted({(len(prompts[s.id][0]), s.max_new_tokens) for s in samples})
+    shapes = sorted({plan_shape(s, prompts[s.id]) for s in samples})
     valid, errors = [], []
     for cell in cells:
         try:

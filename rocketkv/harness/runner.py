@@ -11,10 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from evals.base import Sample, Task, stable_hash
-from evals.prompting import prompt_rows
+from evals.prompting import conversation_token_ids, prompt_rows
 from rocketkv.core import AttentionShape
 from rocketkv.harness.cells import (Cell, check_plans, finished_metrics, grid_configs, lock_cell, make_cell,
                                     metrics_name)
+from rocketkv.harness.conversations import run_conversation
 from rocketkv.harness.models import ModelSpec, load_model
 from rocketkv.harness.options import RunOptions
 from rocketkv.harness.results import code_version, environment, write_json_atomic
@@ -93,7 +94,10 @@ def run(cfg: DictConfig) -> list[dict]:
     samples = select_samples(task.samples(tokenizer, spec.max_len), options.limit, options.shard,
                              per_subtask=task.limit_scope == "subtask")
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
-    prompts = {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
+    if task.multi_turn:  # a conversation's "rows" are its turns
+        prompts = {s.id: conversation_token_ids(tokenizer, s, spec.max_len) for s in todo}
+    else:
+        prompts = {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
     cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.max_len, skip=options.skip_invalid)
     with ExitStack() as locks:
         for cell in cells:
@@ -113,6 +117,10 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
     for sample in tqdm(todo, desc=desc, disable=not options.progress, dynamic_ncols=True):
         rows = prompts[sample.id]
         pending = [c for c in cells if sample.id not in c.preds.done()]
+        if task.multi_turn:  # one cache carried over the turns, per cell
+            for cell in pending:
+                cell.preds.append(run_conversation(model, tokenizer, spec, sample, rows, cell, task))
+            continue
         shareable = [c for c in pending if c.method.decode_last_prompt_token and len(rows[0]) >= 2]
         if len(shareable) < 2:
             shareable = []

@@ -35,9 +35,16 @@ The hooks, in the order the session calls them for one sample:
 ``metadata_bytes(layer, plan)`` (optional)
     The bytes of the method's metadata for the stored slots, when ``layer.meta`` holds room for more.
 
+Conversations (``CompressionSession.next_turn``): a later turn's tokens are fed onto the carried cache.  By
+default a layer keeps what its method kept and decodes them one step at a time with ``decode`` (a one-shot method
+compresses at the first prefill only).  A method that calls ``layer.track_history()`` in ``compress`` (before it
+evicts) has the layer keep every token beside its working set; each later turn is then a prefill again: dense
+attention over the whole history, then ``compress`` over all of it (``prompt_len`` = the history, ``q_window`` =
+the turn's queries, possibly fewer than ``window``), then ``index`` and decode steps on the new working set.
+
 What a method may use of a layer: ``keys``, ``values`` (``[B, Hkv, S, d]``, keys post-RoPE), ``positions``
-(original token positions), ``visible`` (per-head visibility or None), ``stored`` (S), ``keep(...)`` and
-``meta`` (its own dict).  Shared building blocks (exact attention over selected slots, top-k, SnapKV window
+(original token positions), ``visible`` (per-head visibility or None), ``stored`` (S), ``keep(...)``,
+``track_history()`` and ``meta`` (its own dict).  Shared building blocks (exact attention over selected slots, top-k, SnapKV window
 scores, page min/max keys) are in ``rocketkv.core.methods.ops`` and ``rocketkv.core.methods.pages``.
 ``docs/adding-a-method.md`` walks through a new method end to end.
 """

@@ -36,6 +36,16 @@ def rocketkv_budget(budget: int, prompt_len: int, max_new_tokens: int, head_dim:
             "channels": channels, "topk": budget // 2}
 
 
+def stage1(layer, q_window, prompt_len: int, keep: int, window: int, kernel_size: int, scaling: float) -> None:
+    """Stage 1 over slots ``[0, prompt_len)``: keep the ``keep - window`` prefix slots the last ``window`` queries
+    attend to most (summed over the group's heads, max-pooled), the window, and every slot after the prompt."""
+    if prompt_len <= keep:
+        return
+    scores = window_scores(q_window, layer.keys, prompt_len, window, scaling).sum(dim=2)
+    chosen = max_pool(scores, kernel_size).topk(keep - window, dim=-1, sorted=False).indices
+    keep_selection(layer, chosen, prompt_len - window)
+
+
 @register
 @dataclass
 class RocketKV(Method):
@@ -52,12 +62,7 @@ class RocketKV(Method):
         return plan
 
     def compress(self, layer, q_window, prompt_len, plan, scaling):
-        keep = plan["prompt_budget"]
-        if prompt_len <= keep:
-            return
-        scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling).sum(dim=2)
-        chosen = max_pool(scores, self.kernel_size).topk(keep - self.window, dim=-1, sorted=False).indices
-        keep_selection(layer, chosen, prompt_len - self.window)
+        stage1(layer, q_window, prompt_len, plan["prompt_budget"], self.window, self.kernel_size, scaling)
 
     def index(self, layer, plan, upto=None):
         index_pages(layer, plan["page_size"], upto)
