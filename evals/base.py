@@ -67,6 +67,9 @@ class Task(ABC):
     score_name: str = "score"
     # The score says how well a model answers, so models with random weights (speed studies) are refused.
     measures_accuracy: bool = True
+    # How the model builds prompts (``evals.prompting.PromptFormat``), set by the runner before ``samples``; a task
+    # that sizes its prompts in tokens (RULER) counts them this way.  None: the default rules.
+    prompt_format: Any = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -49,6 +49,12 @@ def select_samples(samples: list[Sample], limit: int | None, shard: tuple[int, i
     return chosen
 
 
+def build_prompts(tokenizer, spec: ModelSpec, samples: list[Sample]) -> dict[str, list[list[int]]]:
+    """The token ids of every sample's rows, built with the model's prompt rules (format, BOS, cap)."""
+    rules = spec.prompt_rules()
+    return {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len, rules) for s in samples}
+
+
 def summarise(task: Task, records: list[dict], run_info: dict) -> dict:
     metrics = task.aggregate(records)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -90,11 +96,12 @@ def run(cfg: DictConfig) -> list[dict]:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     model, tokenizer = load_model(spec)
+    task.prompt_format = spec.prompt_rules()  # tasks that size prompts in tokens (RULER) build them this way
     samples = select_samples(task.samples(tokenizer, spec.max_len), options.limit, options.shard,
                              per_subtask=task.limit_scope == "subtask")
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
-    prompts = {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
-    cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.max_len, skip=options.skip_invalid)
+    prompts = build_prompts(tokenizer, spec, todo)
+    cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.plan_max_len, skip=options.skip_invalid)
     with ExitStack() as locks:
         for cell in cells:
             cell.out_dir.mkdir(parents=True, exist_ok=True)
