@@ -35,12 +35,16 @@ def haystack_path(value) -> Path:
     return path
 
 
-@lru_cache(maxsize=4)
 def haystack_texts(path: str) -> tuple[tuple[str, int], ...]:
     """The haystack's texts (a folder's .txt files in name order) with their word counts."""
     p = Path(path)
     files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
-    texts = [f.read_text(encoding="utf-8") for f in files]
+    return _read(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@lru_cache(maxsize=4)
+def _read(files: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, int], ...]:
+    texts = [Path(f).read_text(encoding="utf-8") for f, _, _ in files]
     return tuple((t, len(WORD.findall(t))) for t in texts)
 
 
