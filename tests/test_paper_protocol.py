@@ -244,3 +244,19 @@ def test_skip_layers_reaches_every_compressed_cell_of_a_grid(compose_cfg):
     snap = next(c for c in cells if c.name == "snapkv")
     assert alone.config_hash == snap.config_hash != plain.config_hash
     assert alone.cfg.method.skip_layers == 2  # config.yaml of the cell says so
+
+
+def test_the_protocol_hash_holds_the_model_rules_but_not_skip_layers(compose_cfg):
+    from rocketkv.harness.cells import run_protocol
+
+    def protocol(*overrides):
+        cfg = compose_cfg(f"model={LONGCHAT}", "task=longbench", *overrides)
+        return run_protocol({"task": "longbench"}, ModelSpec.from_cfg(OmegaConf.to_container(cfg.model)))
+
+    assert protocol() == {"task": "longbench"}  # neutral rules: the hash runs had before
+    paper = protocol("+experiment=paper_protocol")
+    assert paper["model_rules"] == {"cuda_dtype": "float16", "prompt_format": "vicuna", "add_bos": True,
+                                    "max_prompt_len": 31500, "chat_template": True}
+    assert stable_hash(paper) != stable_hash(protocol())
+    assert stable_hash(protocol("model.cuda_dtype=float16")) != stable_hash(protocol())
+    assert protocol("+experiment=paper_protocol", "skip_layers=0") == paper  # full KV and methods stay comparable

@@ -40,6 +40,16 @@ LATER_OPTIONS = {
 }
 
 
+def run_protocol(task_protocol: dict, spec) -> dict:
+    """What defines a run's prompts and scoring (its ``protocol_hash``; the leaderboard compares a method with the
+    full-KV run of the same protocol): the task's protocol, plus the model's prompt and dtype rules when they are
+    not the neutral ones (``spec``: a ``ModelSpec``).  Method options such as ``skip_layers`` are not in it."""
+    rules = {key: getattr(spec, key) for key in LATER_OPTIONS["model"]}
+    if all(value == LATER_OPTIONS["model"][key] for key, value in rules.items()):
+        return task_protocol
+    return {**task_protocol, "model_rules": {**rules, "chat_template": spec.chat_template}}
+
+
 def _hashed(node: DictConfig, group: str) -> dict:
     out = OmegaConf.to_container(node, resolve=True)
     for key, neutral in LATER_OPTIONS[group].items():

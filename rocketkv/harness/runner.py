@@ -14,7 +14,7 @@ from evals.base import Sample, Task, stable_hash
 from evals.prompting import prompt_rows
 from rocketkv.core import AttentionShape
 from rocketkv.harness.cells import (Cell, check_plans, finished_metrics, grid_configs, lock_cell, make_cell,
-                                    metrics_name)
+                                    metrics_name, run_protocol)
 from rocketkv.harness.models import ModelSpec, load_model
 from rocketkv.harness.options import RunOptions
 from rocketkv.harness.results import code_version, environment, write_json_atomic
@@ -151,8 +151,8 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
     shard = options.shard
     run_info = {"task": cell.cfg.task.name, "model": spec.name, "method": cell.name, "budget": cell.budget,
                 "reference": cell.method.is_reference, "config_hash": cell.config_hash,
-                "protocol_hash": stable_hash(task.protocol()),
-                "protocol": task.protocol(), "code_version": code_version(),
+                "protocol_hash": stable_hash(run_protocol(task.protocol(), spec)),
+                "protocol": run_protocol(task.protocol(), spec), "code_version": code_version(),
                 "complete": len(records) == len(wanted), "n_expected": len(wanted),
                 "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
                 "limit": options.limit}
