@@ -162,6 +162,14 @@ def test_haystack_folder_reads_its_txt_files_in_name_order(tmp_path):
     (tmp_path / "b.txt").write_text("beta gamma\n")
     (tmp_path / "a.txt").write_text("alpha\n")
     (tmp_path / "notes.md").write_text("ignored\n")
-    task = make(length_unit="words", haystack="file", haystack_file=str(tmp_path), lengths=[5], depths=[1.0])
+    task = make(length_unit="words", haystack="file", haystack_file=str(tmp_path), lengths=[64], depths=[1.0])
     [s] = task.samples(tiny_tokenizer(), 8192)
     assert s.prompt.split("there.\n", 1)[1].startswith("alpha\nbeta gamma\nalpha\nbeta")
+
+
+def test_a_length_in_words_that_does_not_fit_the_model_is_rejected(tmp_path):
+    task = make(length_unit="words", haystack="file", haystack_file=str(essay_file(tmp_path)), lengths=[100, 3000],
+                depths=[0.5], max_new_tokens=128)
+    with pytest.raises(ValueError, match=r"task.lengths: 3000 words make a prompt of \d+ tokens, which with 128 new "
+                                         r"tokens exceeds the model's max length 4096"):
+        task.samples(tiny_tokenizer(), 4096)

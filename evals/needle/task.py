@@ -82,7 +82,17 @@ class NeedleTask(Task):
                 for r in range(self.repeats):
                     make = self._words_sample if self.words else self._sample
                     out.append(make(tokenizer, n, d, r, keys[(n, d, r)]))
+            if self.words:
+                self._check_fits(tokenizer, out[-1], model_max_len)
         return out
+
+    def _check_fits(self, tokenizer, sample: Sample, model_max_len: int) -> None:
+        """A length in words must fit the model in tokens (the official prompts are never truncated)."""
+        tokens = len(tokenizer(sample.prompt, add_special_tokens=True).input_ids)
+        if tokens + self.max_new_tokens > model_max_len:
+            raise ValueError(f"task.lengths: {sample.meta['length']} words make a prompt of {tokens} tokens, which "
+                             f"with {self.max_new_tokens} new tokens exceeds the model's max length {model_max_len}; "
+                             "use fewer words")
 
     def _texts(self) -> tuple[tuple[str, int], ...]:
         if self.haystack == "file":
