@@ -260,3 +260,23 @@ def test_the_protocol_hash_holds_the_model_rules_but_not_skip_layers(compose_cfg
     assert stable_hash(paper) != stable_hash(protocol())
     assert stable_hash(protocol("model.cuda_dtype=float16")) != stable_hash(protocol())
     assert protocol("+experiment=paper_protocol", "skip_layers=0") == paper  # full KV and methods stay comparable
+
+
+def test_the_paper_grid_under_the_protocol_gives_each_job_its_model_s_values(compose_cfg):
+    """The jobs of `-m '+experiment=[paper_grid,paper_protocol]'` (one per model x task x method): each composes
+    its own model's and task's official values; no folder is shared with the grid without the protocol."""
+    seen, plain = {}, set()
+    for model in (LLAMA, MISTRAL, LONGCHAT):
+        for task in ("longbench", "ruler", "needle"):
+            for method in ("full", "snapkv", "rocketkv"):
+                job = [f"model={model}", f"task={task}", f"method={method}"]
+                cfg = compose_cfg("+experiment=[paper_grid,paper_protocol]", *job)
+                cells = [make_cell(c, model, None) for c in grid_configs(cfg)]
+                for cell in cells:
+                    skip = 2 if model == LONGCHAT and method != "full" else 0
+                    assert cell.method.skip_layers == skip and cell.cfg.model.cuda_dtype == "float16"
+                    assert cell.cfg.model.max_prompt_len == (OFFICIAL[(model, task)].get("model.max_prompt_len"))
+                    seen[cell.out_dir] = (model, task, method, cell.budget)
+                plain |= {make_cell(c, model, None).out_dir
+                          for c in grid_configs(compose_cfg("+experiment=paper_grid", *job))}
+    assert len(seen) == 3 * 3 * (1 + 2 * 5) and not set(seen) & plain
