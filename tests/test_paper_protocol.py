@@ -280,3 +280,26 @@ def test_the_paper_grid_under_the_protocol_gives_each_job_its_model_s_values(com
                 plain |= {make_cell(c, model, None).out_dir
                           for c in grid_configs(compose_cfg("+experiment=paper_grid", *job))}
     assert len(seen) == 3 * 3 * (1 + 2 * 5) and not set(seen) & plain
+
+
+REAL_LONGBENCH = REPO.parent / "shared" / "data" / "longbench"
+
+
+@pytest.mark.skipif(not (REAL_LONGBENCH / "multi_news.jsonl").is_file(), reason="no real LongBench rows here")
+def test_real_multi_news_rows_are_cut_to_mistral_s_official_cap(compose_cfg):
+    """Real rows with Mistral's official cap (31500 tokens of the byte-level stand-in): the longer prompts keep their
+    first and last 15750 tokens (a character split at the cut may be re-encoded differently, as with any
+    tokenizer); the shorter ones are untouched."""
+    tok, samples, prompts = longbench_prompts(compose_cfg, MISTRAL, f"task.data_dir={REAL_LONGBENCH}",
+                                              "task.subsets=[multi_news]")
+    cut = 0
+    for s in samples:
+        full = tok(s.prompt, add_special_tokens=False).input_ids  # a chat subset: raw, no BOS
+        ids = prompts[s.id]
+        if len(full) <= 31500:
+            assert ids == full
+            continue
+        cut += 1
+        assert abs(len(ids) - 31500) <= 6 and tok.bos_token_id not in ids
+        assert ids[:15700] == full[:15700] and ids[-15700:] == full[-15700:]
+    assert cut >= 5
