@@ -54,8 +54,8 @@ BAD_INPUTS = [
     (["model.cuda_dtype=fp8"], ["model.cuda_dtype='fp8'", "float16", "bfloat16"]),
     (["skip_layers=-1"], ["skip_layers=-1", "integer >= 0", "null"]),
     (["protocol=nope"], ["unknown protocol 'nope'", "none", "paper"]),
-    (["task.haystack=file"], ["task.haystack=file needs task.haystack_file=", "Paul Graham"]),
-    (["+experiment=paper_protocol"], ["task.haystack=file needs task.haystack_file="]),
+    (["task.haystack=file"], ["task.haystack=file needs haystack_file=", "Paul Graham"]),
+    (["+experiment=paper_protocol"], ["task.haystack=file needs haystack_file="]),
     (["task.haystack=file", "task.haystack_file=/no/such/essays"], ["task.haystack_file='/no/such/essays' does "
                                                                     "not exist", "text file"]),
     (["task.length_unit=chars"], ["task.length_unit='chars'", "tokens", "words"]),

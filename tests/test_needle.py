@@ -146,7 +146,7 @@ def test_haystack_file_in_tokens_mode(tmp_path):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"haystack": "file"}, "task.haystack=file needs task.haystack_file="),
+    ({"haystack": "file"}, "task.haystack=file needs haystack_file="),
     ({"haystack": "file", "haystack_file": "/no/such/essays.txt"}, "task.haystack_file='/no/such/essays.txt' does "
                                                                    "not exist"),
     ({"length_unit": "chars"}, "task.length_unit='chars' is not valid; use one of ('tokens', 'words')"),

@@ -226,11 +226,17 @@ def test_new_options_at_their_defaults_keep_the_old_folders(compose_cfg):
 
 @pytest.mark.parametrize("override", ["model.cuda_dtype=float16", "model.prompt_format=raw", "model.add_bos=true",
                                       "model.max_prompt_len=4000", "task.length_unit=words", "task.key_digits=6",
-                                      "protocol=paper"])
+                                      "protocol=paper", "haystack_file=/data/essays"])
 def test_every_protocol_item_changes_the_folder(compose_cfg, override):
     base = compose_cfg("model=tiny-random", "task=needle")
     other = compose_cfg("model=tiny-random", "task=needle", override)
     assert config_hash(other, True) != config_hash(base, True)
+
+
+def test_the_haystack_file_leaves_other_tasks_alone(compose_cfg):
+    base = compose_cfg("model=tiny-random", "task=longbench")
+    assert config_hash(compose_cfg("model=tiny-random", "task=longbench", "haystack_file=/data/essays"), True) \
+        == config_hash(base, True)
 
 
 def test_skip_layers_reaches_every_compressed_cell_of_a_grid(compose_cfg):

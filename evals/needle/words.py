@@ -24,8 +24,8 @@ WORD = re.compile(r"[^\s]+[\s]*")
 def haystack_path(value) -> Path:
     """The user's haystack file or folder; a clear error when it is not given or does not exist."""
     if value in (None, ""):
-        raise ValueError("task.haystack=file needs task.haystack_file=<text file or folder of .txt files>, e.g. "
-                         "RULER's Paul Graham essays (see docs/protocol.md)")
+        raise ValueError("task.haystack=file needs haystack_file=<text file or folder of .txt files> (or "
+                         "task.haystack_file=...), e.g. Paul Graham's essays (see docs/protocol.md)")
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise ValueError(f"task.haystack_file={str(value)!r} does not exist; give a text file or a folder of .txt "
