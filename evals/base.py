@@ -84,6 +84,9 @@ class Task(ABC):
     measures_accuracy: bool = True
     # Samples are conversations (``Sample.turns``), scored per turn with ``score_turn``.
     multi_turn: bool = False
+    # How the model builds prompts (``evals.prompting.PromptFormat``), set by the runner before ``samples``; a task
+    # that sizes its prompts in tokens (RULER) counts them this way.  None: the default rules.
+    prompt_format: Any = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

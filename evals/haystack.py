@@ -28,11 +28,19 @@ def haystack_text(kind: str, min_chars: int = 0) -> str:
     return text
 
 
-def haystack_ids(tokenizer, kind: str, n_tokens: int) -> list[int]:
-    """At least ``n_tokens`` token ids of the haystack (the text is repeated as needed)."""
+def haystack_ids(tokenizer, kind: str, n_tokens: int, text: str | None = None) -> list[int]:
+    """At least ``n_tokens`` token ids of the haystack (the text is repeated as needed); ``text`` replaces the
+    built-in haystack ``kind`` (a user's file)."""
     chars = max(4 * n_tokens, 1000)
     while True:
-        ids = tokenizer(haystack_text(kind, chars), add_special_tokens=False).input_ids
+        hay = haystack_text(kind, chars) if text is None else _repeated(text, chars)
+        ids = tokenizer(hay, add_special_tokens=False).input_ids
         if len(ids) >= n_tokens:
             return ids[:n_tokens]
         chars *= 2
+
+
+def _repeated(base: str, min_chars: int) -> str:
+    if not base.strip():
+        raise ValueError("the haystack text is empty")
+    return " ".join([base] * max(1, -(-min_chars // (len(base) + 1))))

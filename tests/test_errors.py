@@ -46,6 +46,20 @@ BAD_INPUTS = [
     (["task=ruler", "task.tasks=[nope]"], ["nope", "niah_single_1"]),
     (["task=ruler", "task.max_seq_length=[-5]"], ["max_seq_length", "positive"]),
     (["budget"], ["budget", "missing EQUAL"]),
+    (["model.prompt_format=chatml"], ["model.prompt_format='chatml'", "chat_template, llama3, vicuna, raw"]),
+    (["model.add_bos=maybe"], ["model.add_bos='maybe'", "auto, true or false"]),
+    (["model.max_prompt_len=0"], ["model.max_prompt_len=0", "positive number of tokens", "null"]),
+    (["model.max_prompt_len=-5"], ["model.max_prompt_len=-5", "positive number of tokens"]),
+    (["model.max_prompt_len=9000"], ["model.max_prompt_len=9000 exceeds model.max_len=8192", "<= 8192"]),
+    (["model.cuda_dtype=fp8"], ["model.cuda_dtype='fp8'", "float16", "bfloat16"]),
+    (["skip_layers=-1"], ["skip_layers=-1", "integer >= 0", "null"]),
+    (["protocol=nope"], ["unknown protocol 'nope'", "none", "paper"]),
+    (["task.haystack=file"], ["task.haystack=file needs haystack_file=", "Paul Graham"]),
+    (["+experiment=paper_protocol"], ["task.haystack=file needs haystack_file="]),
+    (["task.haystack=file", "task.haystack_file=/no/such/essays"], ["task.haystack_file='/no/such/essays' does "
+                                                                    "not exist", "text file"]),
+    (["task.length_unit=chars"], ["task.length_unit='chars'", "tokens", "words"]),
+    (["task=ruler", "task.max_new_tokens=0"], ["task.max_new_tokens=0", "integer >= 1"]),
 ]
 
 

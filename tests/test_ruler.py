@@ -277,3 +277,54 @@ def test_protocol_names_what_defines_prompts():
     assert proto["tasks"] == ["vt", "cwe"] and proto["max_seq_length"] == [4096, 8192]
     assert proto["max_new_tokens"]["niah_single_1"] == 128 and proto["metrics"]["qa_1"] == "string_match_part"
     assert json.dumps(proto)
+
+
+def test_max_new_tokens_for_every_task(tok):
+    task = make_task(tasks=["niah_single_1", "vt"], max_seq_length=[1024], max_new_tokens=64)
+    samples = task.samples(tok, MODEL_MAX)
+    assert {s.max_new_tokens for s in samples} == {64}
+    assert task.protocol()["max_new_tokens"]["vt"] == 64
+    default = make_task(tasks=["niah_single_1", "vt"], max_seq_length=[1024])
+    assert default.protocol()["max_new_tokens"]["vt"] == 30 and default.protocol()["max_new_tokens"]["niah_single_1"] \
+        == 128
+    for s in samples:
+        assert 0.9 * 1024 <= total_tokens(tok, s) <= 1024
+    with pytest.raises(ValueError, match="task.max_new_tokens=0 is not valid"):
+        make_task(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("model,rules", [
+    ("llama3.1-8b-instruct", ("llama3", "true")),
+    ("mistral-7b-instruct-v0.2", ("raw", "true")),
+    ("longchat-7b-v1.5-32k", ("vicuna", "true")),
+])
+def test_samples_are_sized_in_the_model_s_prompt_format(tmp_path, model, rules):
+    """Under the paper protocol the prompts are built in the model's format (official RULER templates, BOS), and the
+    haystack is sized so that those prompts fit each length; the cache keeps the formats apart."""
+    from evals.prompting import PromptFormat
+    from standin_tokenizers import byte_ids, standin_tokenizer
+
+    stand_in = standin_tokenizer(model)
+    fmt = PromptFormat(*rules)
+    task = make_task(tmp_path, tasks=["niah_single_1"], max_seq_length=[2048])
+    task.prompt_format = fmt
+    samples = task.samples(stand_in, MODEL_MAX)
+    bos = stand_in.bos_token_id
+    for s in samples:
+        ids = prompt_token_ids(stand_in, s, model_chat=True, model_max_len=MODEL_MAX, fmt=fmt)
+        assert 0.9 * 2048 <= len(ids) + s.max_new_tokens <= 2048
+        text = s.prompt
+        if rules[0] == "llama3":
+            sh, eh, eot = (stand_in.convert_tokens_to_ids(t) for t in
+                           ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+            expected = [bos, bos, sh] + byte_ids(stand_in, "user") + [eh] + byte_ids(stand_in, "\n\n" + text) \
+                + [eot, sh] + byte_ids(stand_in, "assistant") + [eh] + byte_ids(stand_in, "\n\n" + s.answer_prefix)
+        elif rules[0] == "vicuna":
+            expected = [bos] + byte_ids(stand_in, "A chat between a curious user and an artificial intelligence "
+                                        "assistant. The assistant gives helpful, detailed, and polite answers to the "
+                                        f"user's questions. USER: {text} ASSISTANT:{s.answer_prefix}")
+        else:
+            expected = [bos] + byte_ids(stand_in, text + s.answer_prefix)
+        assert ids == expected
+    plain = make_task(tmp_path, tasks=["niah_single_1"], max_seq_length=[2048])
+    assert plain.cache_key("niah_single_1", 2048, "fp") != task.cache_key("niah_single_1", 2048, "fp")

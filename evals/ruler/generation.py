@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from evals.base import Sample
-from evals.prompting import prompt_token_ids
+from evals.prompting import PromptFormat, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
     return random.Random(f"ruler/{seed}/{task}/{length}/{index}")
 
 
-def count_tokens(tokenizer: Any, sample: Sample) -> int:
-    return len(prompt_token_ids(tokenizer, sample, model_chat=True, model_max_len=NO_TRUNCATION))
+def count_tokens(tokenizer: Any, sample: Sample, fmt: PromptFormat | None = None) -> int:
+    """The sample's prompt tokens, built as the runner builds them (``fmt``: the model's prompt rules)."""
+    rules = PromptFormat(fmt.format, fmt.add_bos) if fmt is not None else PromptFormat()  # never capped here
+    return len(prompt_token_ids(tokenizer, sample, model_chat=True, model_max_len=NO_TRUNCATION, fmt=rules))
 
 
 def largest_fitting(cost: Callable[[int], int], budget: int, lo: int, hi: int, hint: int | None = None
@@ -85,7 +87,7 @@ def largest_fitting(cost: Callable[[int], int], budget: int, lo: int, hi: int, h
 
 
 def generate_samples(task: str, generator: Generator, length: int, num_samples: int, seed: int, tokenizer: Any,
-                     max_new_tokens: int) -> list[Sample]:
+                     max_new_tokens: int, fmt: PromptFormat | None = None) -> list[Sample]:
     """``num_samples`` samples of ``task`` whose prompt tokens plus ``max_new_tokens`` fit ``length``."""
     budget = length - max_new_tokens
     samples: list[Sample] = []
@@ -99,7 +101,7 @@ def generate_samples(task: str, generator: Generator, length: int, num_samples: 
                 sample = Sample(id=f"{task}/{length}/{index}", prompt=draft.prompt, references=draft.references,
                                 max_new_tokens=max_new_tokens, chat_template=True, subtask=task,
                                 meta={"length": length, **draft.meta}, answer_prefix=draft.answer_prefix)
-                built[units] = (sample, count_tokens(tokenizer, sample))
+                built[units] = (sample, count_tokens(tokenizer, sample, fmt))
             return built[units]
 
         units = largest_fitting(lambda n: build(n)[1], budget, generator.min_units, generator.max_units, hint)

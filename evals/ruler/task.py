@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from evals.base import Sample, Task, stable_hash
+from evals.base import Sample, Task, int_option, stable_hash
 from evals.ruler.cache import SampleCache, tokenizer_fingerprint
 from evals.ruler.common_words import CommonWordsGenerator
 from evals.ruler.freq_words import FreqWordsGenerator
@@ -75,6 +75,8 @@ class RulerTask(Task):
         get = (lambda k: cfg.get(k, DEFAULTS[k])) if cfg is not None else DEFAULTS.get
         self.lengths = parse_lengths(get("max_seq_length"))
         self.requested, self.explicit = parse_tasks(get("tasks"))
+        new_tokens = cfg.get("max_new_tokens", None) if cfg is not None else None
+        self.max_new_tokens = None if new_tokens is None else int_option("max_new_tokens", new_tokens, 1)
         self.num_samples = int(get("num_samples"))
         if self.num_samples < 1:
             raise ValueError(f"task.num_samples={self.num_samples} must be at least 1")
@@ -130,8 +132,18 @@ class RulerTask(Task):
     def cache_key(self, task: str, length: int, fingerprint: str) -> dict[str, Any]:
         source = (self.question_sets()[TASKS[task].params["dataset"]].fingerprint if task in QA_TASKS
                   else prose_sha256()[:16])
-        return {"task": task, "length": length, "tokenizer": fingerprint, "num_samples": self.num_samples,
-                "seed": self.seed, "generator_version": GENERATOR_VERSION, "source": source}
+        key = {"task": task, "length": length, "tokenizer": fingerprint, "num_samples": self.num_samples,
+               "seed": self.seed, "generator_version": GENERATOR_VERSION, "source": source}
+        fmt = self.prompt_format
+        if fmt is not None and (fmt.format, fmt.add_bos) != ("chat_template", "auto"):
+            key["prompt_format"] = [fmt.format, fmt.add_bos]  # prompts sized for another format
+        if self.max_new_tokens is not None:
+            key["max_new_tokens"] = self.max_new_tokens
+        return key
+
+    def new_tokens(self, task: str) -> int:
+        """Tokens generated for ``task``: ``task.max_new_tokens`` when set, else RULER's value for its family."""
+        return self.max_new_tokens if self.max_new_tokens is not None else family_of(task).max_new_tokens
 
     def task_samples(self, task: str, length: int, tokenizer: Any, fingerprint: str) -> list[Sample]:
         key = self.cache_key(task, length, fingerprint)
@@ -156,7 +168,7 @@ class RulerTask(Task):
         else:
             generator = SYNTHETIC_GENERATORS[spec.family](spec.params, length)
         return generate_samples(task, generator, length, self.num_samples, self.seed, tokenizer,
-                                FAMILIES[spec.family].max_new_tokens)
+                                self.new_tokens(task), self.prompt_format)
 
     # ------------------------------------------------------------------ scoring
     def score(self, sample: Sample, prediction: str) -> float:
@@ -195,7 +207,7 @@ class RulerTask(Task):
             "seed": self.seed,
             "task_specs": {t: {"family": TASKS[t].family, **TASKS[t].params} for t in TASKS},
             "templates": stable_hash({k: vars(f) for k, f in FAMILIES.items()}, 16),
-            "max_new_tokens": {t: family_of(t).max_new_tokens for t in TASKS},
+            "max_new_tokens": {t: self.new_tokens(t) for t in TASKS},
             "metrics": {t: family_of(t).metric for t in TASKS},
             "haystack_sha256": prose_sha256()[:16],
             "qa_sources": {name: qs.fingerprint for name, qs in sorted(sets.items())},

@@ -2,13 +2,14 @@
 its budget plans, from a single ``method``/``budget`` or a ``grid.methods`` x ``grid.budgets`` grid."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from evals.base import Sample, stable_hash
 from rocketkv.core import AttentionShape, Method, make_method
@@ -31,15 +32,41 @@ def metrics_name(shard: tuple[int, int] | None) -> str:
     return "metrics.json" if shard is None else f"metrics.shard-{shard[0]}-of-{shard[1]}.json"
 
 
+# Options added after results existed: left out of the hash while they keep these values (which give the earlier
+# behaviour), so earlier results keep their folders; any other value is hashed like every other option.
+LATER_OPTIONS = {
+    "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None},
+    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None},
+}
+
+
+def run_protocol(task_protocol: dict, spec) -> dict:
+    """What defines a run's prompts and scoring (its ``protocol_hash``; the leaderboard compares a method with the
+    full-KV run of the same protocol): the task's protocol, plus the model's prompt and dtype rules when they are
+    not the neutral ones (``spec``: a ``ModelSpec``).  Method options such as ``skip_layers`` are not in it."""
+    rules = {key: getattr(spec, key) for key in LATER_OPTIONS["model"]}
+    if all(value == LATER_OPTIONS["model"][key] for key, value in rules.items()):
+        return task_protocol
+    return {**task_protocol, "model_rules": {**rules, "chat_template": spec.chat_template}}
+
+
+def _hashed(node: DictConfig, group: str) -> dict:
+    out = OmegaConf.to_container(node, resolve=True)
+    for key, neutral in LATER_OPTIONS[group].items():
+        if key in out and out[key] == neutral and not isinstance(out[key], bool):
+            out.pop(key)
+    return out
+
+
 def config_hash(cfg: DictConfig, uses_budget: bool) -> str:
     """Hash of everything that changes predictions; not output paths, limits or shards."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = _hashed(cfg.model, "model")
     for k in ("device", "path"):
         model.pop(k, None)
     method = OmegaConf.to_container(cfg.method, resolve=True)
     for k in UNHASHED_METHOD_OPTIONS:
         method.pop(k, None)
-    return stable_hash({"model": model, "task": OmegaConf.to_container(cfg.task, resolve=True), "method": method,
+    return stable_hash({"model": model, "task": _hashed(cfg.task, "task"), "method": method,
                         "budget": cfg.budget if uses_budget else None, "seed": cfg.seed})
 
 
@@ -82,7 +109,26 @@ def method_options(cfg: DictConfig) -> dict:
     return opts
 
 
+def with_run_options(cfg: DictConfig) -> DictConfig:
+    """The cell's config with the run-level method options applied: ``skip_layers`` (when set) to every
+    compressed method, so a grid's cells and a separate run of each get the same method (and folder)."""
+    skip = cfg.get("skip_layers", None)
+    if skip is None:
+        return cfg
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip_layers={skip!r} is not valid; give an integer >= 0 (the first layers kept dense by "
+                         "every compressed method), or null for each method's own value")
+    method = METHODS.get(cfg.method.name)
+    if method is None or not method.uses_budget:  # unknown: make_method names it; full KV: nothing to skip
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg.method):  # a method file need not list skip_layers (every method has it)
+        cfg.method.skip_layers = skip
+    return cfg
+
+
 def make_cell(cfg: DictConfig, model_name: str, shard: tuple[int, int] | None) -> Cell:
+    cfg = with_run_options(cfg)
     method = make_method(cfg.method.name, budget=cfg.budget, **method_options(cfg))  # fails before any loading
     chash = config_hash(cfg, method.uses_budget)
     out_dir = run_dir(cfg.output_dir, cfg.task.name, model_name, method.name, method.budget, chash)

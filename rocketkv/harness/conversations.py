@@ -27,11 +27,11 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
     mem = PeakMemory(model.device)
     mem.reset()
     new = sample.max_new_tokens
-    plan = cell.plan(*plan_shape(sample, turns), AttentionShape.of(model), spec.max_len)
+    plan = cell.plan(*plan_shape(sample, turns), AttentionShape.of(model), spec.plan_max_len)
     graphs = use_cuda_graphs(cell.method.cuda_graphs, model.device)
     split = cell.method.decode_last_prompt_token
     done, peaks = [], []
-    with compress(model, cell.method, max_new_tokens=new, model_max_len=spec.max_len) as session:
+    with compress(model, cell.method, max_new_tokens=new, model_max_len=spec.plan_max_len) as session:
         cache = session.new_cache(new, prompt_len=len(turns[0]) if split else None, plan=plan)
         unfed: list[int] = []
         for i, (ids, turn) in enumerate(zip(turns, sample.turns)):

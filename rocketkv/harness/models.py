@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from evals.prompting import PromptFormat
 from rocketkv.harness.gguf_models import load_gguf_package
 
 SOURCES = ("gguf_package", "hub", "tiny_random", "random_weights")
@@ -35,6 +36,10 @@ class ModelSpec:
     install: str | None = None  # the exact command that installs the packages
     dtype: str = "auto"
     device: str = "auto"
+    cuda_dtype: str = "bfloat16"  # what dtype=auto picks on CUDA (CPU: float32)
+    prompt_format: str = "chat_template"  # how chat-task prompts are built (evals.prompting.PromptFormat)
+    add_bos: str | bool = "auto"  # whether the tokenizer adds BOS to chat-task prompts
+    max_prompt_len: int | None = None  # cap of the templated prompt (middle truncation); also caps S for plans
     seed: int = 0  # tiny_random only
     arch: str = "llama"  # tiny_random only: llama | llama_mha | qwen2 | mistral
     architecture: dict | None = None  # random_weights only: the transformers config's numbers
@@ -52,6 +57,13 @@ class ModelSpec:
             raise ValueError(f"model.max_len={self.max_len!r} is not valid; give the model's context length in tokens")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is not valid; use auto, {', '.join(DTYPES)}")
+        if self.cuda_dtype not in DTYPES:
+            raise ValueError(f"model.cuda_dtype={self.cuda_dtype!r} is not valid; use one of {', '.join(DTYPES)}")
+        if self.max_prompt_len is not None and not isinstance(self.max_prompt_len, bool) \
+                and isinstance(self.max_prompt_len, int) and self.max_prompt_len > self.max_len:
+            raise ValueError(f"model.max_prompt_len={self.max_prompt_len} exceeds model.max_len={self.max_len}; "
+                             f"use a cap <= {self.max_len}, or null")
+        self.prompt_rules()  # checks prompt_format, add_bos and max_prompt_len
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -62,6 +74,15 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: source random_weights needs an architecture (the config's numbers)")
         if self.source == "tiny_random" and self.arch not in TINY_ARCHS:
             raise ValueError(f"model.arch={self.arch!r} is not valid; use one of {', '.join(TINY_ARCHS)}")
+
+    def prompt_rules(self) -> PromptFormat:
+        """How this model's prompts are built and capped."""
+        return PromptFormat(self.prompt_format, self.add_bos, self.max_prompt_len)
+
+    @property
+    def plan_max_len(self) -> int:
+        """The cap of the sequence length S the methods plan their budgets for: min(prompt + new tokens, this)."""
+        return self.max_prompt_len or self.max_len
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "ModelSpec":
@@ -82,10 +103,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, cuda_dtype: str = "bfloat16") -> torch.dtype:
     if dtype == "auto":
         # CPUs here have no bf16 units: bf16 runs many times slower than fp32 on them.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[cuda_dtype] if device.type == "cuda" else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -95,7 +116,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(cfg: Any, device: str | None = None, dtype: str | None = None):
     spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_cfg(cfg)
     dev = resolve_device(device or spec.device)
-    dt = resolve_dtype(dtype or spec.dtype, dev)
+    dt = resolve_dtype(dtype or spec.dtype, dev, spec.cuda_dtype)
     if spec.source == "tiny_random":
         model, tok = build_tiny_random(spec.arch, seed=spec.seed, max_len=spec.max_len)
     elif spec.source == "gguf_package":

@@ -14,7 +14,7 @@ from evals.base import Sample, Task, stable_hash
 from evals.prompting import conversation_token_ids, prompt_rows
 from rocketkv.core import AttentionShape
 from rocketkv.harness.cells import (Cell, check_plans, finished_metrics, grid_configs, lock_cell, make_cell,
-                                    metrics_name)
+                                    metrics_name, run_protocol)
 from rocketkv.harness.conversations import run_conversation
 from rocketkv.harness.models import ModelSpec, load_model
 from rocketkv.harness.options import RunOptions
@@ -48,6 +48,15 @@ def select_samples(samples: list[Sample], limit: int | None, shard: tuple[int, i
     if shard is not None:
         chosen = chosen[shard[0]::shard[1]]
     return chosen
+
+
+def build_prompts(tokenizer, spec: ModelSpec, samples: list[Sample], task: Task) -> dict[str, list[list[int]]]:
+    """The token ids of every sample's rows, built with the model's prompt rules (format, BOS, cap); a
+    conversation's rows are its turns."""
+    if task.multi_turn:
+        return {s.id: conversation_token_ids(tokenizer, s, spec.max_len) for s in samples}
+    rules = spec.prompt_rules()
+    return {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len, rules) for s in samples}
 
 
 def summarise(task: Task, records: list[dict], run_info: dict) -> dict:
@@ -91,14 +100,12 @@ def run(cfg: DictConfig) -> list[dict]:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     model, tokenizer = load_model(spec)
+    task.prompt_format = spec.prompt_rules()  # tasks that size prompts in tokens (RULER) build them this way
     samples = select_samples(task.samples(tokenizer, spec.max_len), options.limit, options.shard,
                              per_subtask=task.limit_scope == "subtask")
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
-    if task.multi_turn:  # a conversation's "rows" are its turns
-        prompts = {s.id: conversation_token_ids(tokenizer, s, spec.max_len) for s in todo}
-    else:
-        prompts = {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len) for s in todo}
-    cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.max_len, skip=options.skip_invalid)
+    prompts = build_prompts(tokenizer, spec, todo, task)
+    cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.plan_max_len, skip=options.skip_invalid)
     with ExitStack() as locks:
         for cell in cells:
             cell.out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +159,8 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
     shard = options.shard
     run_info = {"task": cell.cfg.task.name, "model": spec.name, "method": cell.name, "budget": cell.budget,
                 "reference": cell.method.is_reference, "config_hash": cell.config_hash,
-                "protocol_hash": stable_hash(task.protocol()),
-                "protocol": task.protocol(), "code_version": code_version(),
+                "protocol_hash": stable_hash(run_protocol(task.protocol(), spec)),
+                "protocol": run_protocol(task.protocol(), spec), "code_version": code_version(),
                 "complete": len(records) == len(wanted), "n_expected": len(wanted),
                 "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
                 "limit": options.limit}

@@ -82,8 +82,8 @@ def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[lis
     mem.reset()
     n = len(rows[0])
     split = cell.method.decode_last_prompt_token and n >= 2
-    plan = cell.plan(n, sample.max_new_tokens, AttentionShape.of(model), spec.max_len)
-    with compress(model, cell.method, max_new_tokens=sample.max_new_tokens, model_max_len=spec.max_len) as session:
+    plan = cell.plan(n, sample.max_new_tokens, AttentionShape.of(model), spec.plan_max_len)
+    with compress(model, cell.method, max_new_tokens=sample.max_new_tokens, model_max_len=spec.plan_max_len) as session:
         cache = session.new_cache(sample.max_new_tokens, prompt_len=n if split else None, plan=plan)
         logits, t_prefill = prefill(model, rows, cache, split)
         prefill_peak = mem.read()
@@ -107,7 +107,7 @@ class SharedPrefill:
     @classmethod
     def run(cls, model, spec: ModelSpec, sample: Sample, rows: list[list[int]], window: int, mem: PeakMemory):
         mem.reset()
-        with compress(model, "full", max_new_tokens=sample.max_new_tokens, model_max_len=spec.max_len) as base:
+        with compress(model, "full", max_new_tokens=sample.max_new_tokens, model_max_len=spec.plan_max_len) as base:
             cache = base.new_cache(sample.max_new_tokens, prompt_len=len(rows[0]), capture_window=window)
             with Timer(model.device) as t, torch.inference_mode():
                 forward(model, [r[:-1] for r in rows], cache)
@@ -135,7 +135,7 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
     decoded: dict[object, Decoded] = {}
     records = []
     for i, cell in enumerate(cells):
-        plan = cell.plan(len(rows[0]), sample.max_new_tokens, shape, spec.max_len)
+        plan = cell.plan(len(rows[0]), sample.max_new_tokens, shape, spec.plan_max_len)
         key = "dense" if plan.get("dense") else i
         if key not in decoded:
             decoded[key] = decode_forked(model, tokenizer, spec, sample, rows, task, shared, mem, cell, plan)
@@ -146,7 +146,7 @@ def run_cells_shared_prefill(model, tokenizer, spec: ModelSpec, sample: Sample, 
 def decode_forked(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[list[int]], task: Task,
                   shared: SharedPrefill, mem: PeakMemory, cell: Cell, plan: dict) -> Decoded:
     mem.reset()
-    with compress(model, cell.method, max_new_tokens=sample.max_new_tokens, model_max_len=spec.max_len) as session:
+    with compress(model, cell.method, max_new_tokens=sample.max_new_tokens, model_max_len=spec.plan_max_len) as session:
         with Timer(model.device) as t_last, torch.inference_mode():
             cache = session.fork(shared.cache, plan, sample.max_new_tokens)
             logits = forward(model, [r[-1:] for r in rows], cache)
