@@ -72,8 +72,19 @@ def test_rocketkv_small_context_keeps_2_max_new():
 def test_quest_plan(t, prompt_len, max_new, mml):
     s = min(prompt_len + max_new, mml) if mml else prompt_len + max_new
     plan = resolve_budget("quest", t, prompt_len, max_new, D, model_max_len=mml)
-    assert plan["page_size"] == max(1, math.ceil(2 * s / t))
+    assert plan["page_size"] == min(max(1, math.ceil(2 * s / t)), t // 2)
     assert plan["topk"] == t // 2
+    assert plan["selected_pages"] == plan["topk"] // plan["page_size"]
+    assert plan["page_size_capped"] == (math.ceil(2 * s / t) > t // 2)
+
+
+@pytest.mark.parametrize("t,prompt_len,page", [(256, 32000, 251), (256, 127500 - 128, 997), (64, 5000, 161)])
+def test_quest_never_attends_more_than_k(t, prompt_len, page):
+    """Past S = t²/4 the even split's page (⌈2S/t⌉ = ``page``) outgrows k = t/2: it is capped at k, one page."""
+    plan = resolve_budget("quest", t, prompt_len, 128, D)
+    assert math.ceil(2 * (prompt_len + 128) / t) == page > t // 2
+    assert plan["page_size"] == t // 2 and plan["selected_pages"] == 1 and plan["page_size_capped"]
+    assert plan["selected_pages"] * plan["page_size"] <= plan["topk"] == t // 2
 
 
 def test_quest_page_size_override():
@@ -163,3 +174,9 @@ def test_bad_option_values():
         resolve_budget("snapkv", 256, 4000, 128, D, window=0)
     with pytest.raises(ValueError, match="skip_layers"):
         resolve_budget("rocketkv", 256, 4000, 128, D, skip_layers=-1)
+
+
+@pytest.mark.parametrize("page_size", [0, 512, 16.0, True])
+def test_quest_page_size_must_fit_the_budget(page_size):
+    with pytest.raises(ValueError, match=rf"page_size={page_size!r} is not valid; give an integer from 1 to the budget \(256"):
+        resolve_budget("quest", 256, 4000, 128, D, page_size=page_size)

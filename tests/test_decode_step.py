@@ -19,7 +19,7 @@ from rocketkv.harness.generation import prefill
 
 METHODS = [("full", None, {}), ("topk", 32, {}), ("snapkv", 192, {"selection": "head"}),
            ("snapkv", 48, {"selection": "group"}), ("quest", 32, {}), ("sparq", 32, {}), ("rocketkv", 32, {}),
-           ("rocketkv", 64, {"skip_layers": 1})]
+           ("rocketkv", 64, {"skip_layers": 1}), ("quest", 16, {})]  # 16: Quest's page capped at k
 MAX_NEW = 12
 
 

@@ -208,7 +208,7 @@ def ref_pages(keys, upto, p):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n,plan", [(97, {"page_size": 4, "topk": 24}), (131, {"page_size": 3, "topk": 40}),
-                                    (50, {"page_size": 7, "topk": 6}), (64, {"page_size": 1, "topk": 10}),
+                                    (50, {"page_size": 7, "topk": 7}), (64, {"page_size": 1, "topk": 10}),
                                     (20, {"page_size": 5, "topk": 500})])
 def test_quest_reference(monkeypatch, shape, n, plan):
     b, hkv, g, d = shape
@@ -217,7 +217,7 @@ def test_quest_reference(monkeypatch, shape, n, plan):
     seen = spy_indices(monkeypatch, "quest")
     scale = d ** -0.5
     p = plan["page_size"]
-    n_sel = max(1, plan["topk"] // p)
+    n_sel = plan["topk"] // p
     # grow the cache a few tokens at a time: metadata must follow (last page filled, then new pages)
     extra_k = torch.randn(b, hkv, 5, d, generator=_gen(9))
     extra_v = torch.randn(b, hkv, 5, d, generator=_gen(10))
@@ -387,6 +387,37 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
             assert [p for p in pos if p >= split - window] == list(range(split - window, n))
 
 
+# ====================================================================== quest on a long cache
+@pytest.mark.parametrize("budget", [32, 48])
+def test_quest_never_attends_more_than_k_on_a_long_cache(monkeypatch, budget):
+    """At S = 3016 tokens, ⌈2S/t⌉ (189 or 126) exceeds k = t/2: the page is capped at k, one whole page is
+    attended, never more than k tokens, and the output is exact attention over that page."""
+    b, hkv, g, d, n, max_new = 1, 2, 2, 16, 3000, 16
+    k = budget // 2
+    m = make_method("quest", budget, kernels="torch")
+    layer, K, V = make_layer(m, b, hkv, g, d, n, seed=budget, max_new=max_new)
+    plan = layer.state.plan
+    assert math.ceil(2 * (n + max_new) / budget) > k
+    assert plan["page_size"] == k and plan["selected_pages"] == 1 and plan["page_size_capped"]
+    seen = spy_indices(monkeypatch, "quest")
+    q = torch.randn(b, hkv, g, d, generator=_gen(budget + 1))
+    m.index(layer, plan)
+    out, cost = m.decode(layer, q, as_upto(n), plan, d ** -0.5)
+    assert float(cost.attended) <= k
+    idx = seen[-1]
+    q64, K64, V64 = q.double(), K.double(), V.double()
+    for kh in range(hkv):
+        lib_slots = sorted(idx[0, kh, 0][idx[0, kh, 0] >= 0].tolist())
+        assert 0 < len(lib_slots) <= k
+        mins, maxs = ref_pages(K64[0, kh], n, k)
+        bound = sum(torch.maximum(q64[0, kh, h] * mins, q64[0, kh, h] * maxs).sum(-1) for h in range(g))
+        best = bound.argmax().item()
+        assert lib_slots == list(range(best * k, min(n, best * k + k)))
+        for h in range(g):
+            ref = ref_attend(q64[0, kh, h], K64[0, kh, lib_slots], V64[0, kh, lib_slots], d ** -0.5)
+            torch.testing.assert_close(out[0, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["topk", "quest", "sparq", "rocketkv"])
 def test_sparse_methods_exact_when_everything_fits(method):
     """With k >= stored tokens every method is exact attention (SparQ: α = 1, no mean reallocation)."""
@@ -484,7 +515,8 @@ def test_dense_plan_means_the_method_attends_everything(name, shape):
                     torch.testing.assert_close(out[bi, h, j].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,budget", [("topk", 24), ("sparq", 24), ("quest", 24), ("rocketkv", 24), ("snapkv", 64)])
+@pytest.mark.parametrize("name,budget", [("topk", 24), ("sparq", 24), ("quest", 24), ("rocketkv", 24), ("snapkv", 64),
+                                         ("quest", 16)])
 def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget):
     """On a GPU a host read (``.item()``, ``bool(tensor)``, ...) stalls the stream every layer; a decode step's
     selection, attention and statistics must stay on the device."""
