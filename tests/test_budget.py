@@ -1,4 +1,4 @@
-"""Budget resolution: RocketKV's split (the issue's check rows), Quest/SparQ formulas and budget errors."""
+"""Budget resolution: RocketKV's split (the issue's check rows), HSA, Quest/SparQ formulas and budget errors."""
 import math
 
 import pytest
@@ -22,17 +22,20 @@ def test_rocketkv_check_rows(prompt_len, t, expected):
         assert plan[key] == value, (key, plan)
 
 
+def _stage2_formula(t, cap, d):
+    c2 = max(1.0, cap / t)
+    p = math.ceil(math.sqrt(c2))
+    if p > c2:
+        p = 1
+    return dict(page_size=p, channels=math.floor(d * p / c2), topk=t // 2)
+
+
 def _rocketkv_formula(t, prompt_len, max_new, d, model_max_len=None):
     s = prompt_len + max_new if model_max_len is None else min(prompt_len + max_new, model_max_len)
     c = max(1.0, s / t)
     r = min(0.2 + 0.06 * math.log2(c), 0.8)
     cap = max(math.floor(s / c ** r), min(2 * max_new, s))
-    c2 = max(1.0, cap / t)
-    p = math.ceil(math.sqrt(c2))
-    if p > c2:
-        p = 1
-    return dict(capacity=cap, prompt_budget=cap - max_new, page_size=p, channels=math.floor(d * p / c2),
-                topk=t // 2)
+    return dict(capacity=cap, prompt_budget=cap - max_new, **_stage2_formula(t, cap, d))
 
 
 @pytest.mark.parametrize("t,prompt_len,max_new,d,mml", [
@@ -63,6 +66,23 @@ def test_rocketkv_small_context_keeps_2_max_new():
     plan = resolve_budget("rocketkv", 1024, 300, 64, D)
     assert plan["capacity"] == 364 and plan["prompt_budget"] == 300 and plan["page_size"] == 1
     assert plan["channels"] == D and plan["topk"] == 512
+
+
+# ------------------------------------------------------------------ HSA: stage 2 on the whole sequence
+def test_hsa_row():
+    # C = S = 16000, t = 256: c2 = 62.5, p = ceil(7.906) = 8, r_h = floor(128 * 8 / 62.5) = 16, k = 128
+    plan = resolve_budget("hsa", 256, 16000 - 128, 128, D)
+    assert plan == {"capacity": 16000, "page_size": 8, "channels": 16, "topk": 128, "dense": False}
+
+
+@pytest.mark.parametrize("t,prompt_len,max_new,d,mml", [
+    (256, 4000, 64, 128, None), (512, 100000, 128, 128, 32768), (2048, 30000, 256, 64, None),
+    (64, 3000, 16, 32, None), (100, 777, 20, 32, None), (4096, 1000, 128, 128, None),
+])
+def test_hsa_formula(t, prompt_len, max_new, d, mml):
+    s = prompt_len + max_new if mml is None else min(prompt_len + max_new, mml)
+    plan = resolve_budget("hsa", t, prompt_len, max_new, d, model_max_len=mml)
+    assert plan == {"capacity": s, **_stage2_formula(t, s, d), "dense": t // 2 >= prompt_len + max_new}
 
 
 # ------------------------------------------------------------------ Quest / SparQ / topk / snapkv
@@ -119,14 +139,14 @@ def test_topk_and_snapkv_plans():
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize("method", ["topk", "snapkv", "quest", "sparq", "rocketkv"])
+@pytest.mark.parametrize("method", ["topk", "snapkv", "quest", "sparq", "rocketkv", "hsa"])
 @pytest.mark.parametrize("bad", [15, 0, -256, 256.0, "256", None, True])
 def test_bad_budgets(method, bad):
     with pytest.raises(ValueError, match="budget"):
         resolve_budget(method, bad, 4000, 128, D)
 
 
-@pytest.mark.parametrize("method", ["topk", "quest", "sparq"])
+@pytest.mark.parametrize("method", ["topk", "quest", "sparq", "hsa"])
 def test_minimum_budget_accepted(method):
     resolve_budget(method, 16, 4000, 128, D)
 
@@ -161,7 +181,7 @@ def test_unknown_method_lists_valid_names():
     assert set(METHODS) >= {"full", "topk", "snapkv", "quest", "sparq", "rocketkv"}
 
 
-@pytest.mark.parametrize("method", ["full", "topk", "snapkv", "quest", "sparq", "rocketkv"])
+@pytest.mark.parametrize("method", ["full", "topk", "snapkv", "quest", "sparq", "rocketkv", "hsa"])
 def test_unknown_option_names(method):
     with pytest.raises(ValueError, match="unknown options.*page_sise"):
         resolve_budget(method, 256, 4000, 128, D, page_sise=16)
