@@ -1,4 +1,5 @@
-"""Budget resolution: RocketKV's split (the issue's check rows), HSA, Quest/SparQ formulas and budget errors."""
+"""Budget resolution: RocketKV's split (the issue's check rows) and its fixed-split option, HSA, Quest/SparQ
+formulas and budget errors."""
 import math
 
 import pytest
@@ -30,12 +31,12 @@ def _stage2_formula(t, cap, d):
     return dict(page_size=p, channels=math.floor(d * p / c2), topk=t // 2)
 
 
-def _rocketkv_formula(t, prompt_len, max_new, d, model_max_len=None):
+def _rocketkv_formula(t, prompt_len, max_new, d, model_max_len=None, ratio=None):
     s = prompt_len + max_new if model_max_len is None else min(prompt_len + max_new, model_max_len)
     c = max(1.0, s / t)
-    r = min(0.2 + 0.06 * math.log2(c), 0.8)
+    r = min(0.2 + 0.06 * math.log2(c), 0.8) if ratio is None else ratio
     cap = max(math.floor(s / c ** r), min(2 * max_new, s))
-    return dict(capacity=cap, prompt_budget=cap - max_new, **_stage2_formula(t, cap, d))
+    return dict(split_ratio=r, capacity=cap, prompt_budget=cap - max_new, **_stage2_formula(t, cap, d))
 
 
 @pytest.mark.parametrize("t,prompt_len,max_new,d,mml", [
@@ -66,6 +67,26 @@ def test_rocketkv_small_context_keeps_2_max_new():
     plan = resolve_budget("rocketkv", 1024, 300, 64, D)
     assert plan["capacity"] == 364 and plan["prompt_budget"] == 300 and plan["page_size"] == 1
     assert plan["channels"] == D and plan["topk"] == 512
+
+
+# ------------------------------------------------------------------ RocketKV: fixed split (ablation)
+def test_rocketkv_fixed_split_row():
+    # S = 16000, t = 256, r = 0.5: c = 62.5, C = floor(16000 / 62.5**0.5) = 2023, P = 1895,
+    # c2 = 7.902, p = ceil(2.811) = 3, r_h = floor(128 * 3 / 7.902) = 48
+    plan = resolve_budget("rocketkv", 256, 16000 - 128, 128, D, split_ratio=0.5)
+    assert plan == {**plan, "split_ratio": 0.5, "capacity": 2023, "prompt_budget": 1895, "page_size": 3,
+                    "channels": 48, "topk": 128}
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("t,prompt_len,max_new,d", [(256, 16000 - 128, 128, 128), (1024, 30000, 256, 64),
+                                                    (64, 3000, 16, 32)])
+def test_rocketkv_fixed_split(ratio, t, prompt_len, max_new, d):
+    plan = resolve_budget("rocketkv", t, prompt_len, max_new, d, split_ratio=ratio)
+    exp = _rocketkv_formula(t, prompt_len, max_new, d, ratio=ratio)
+    assert {key: plan[key] for key in exp} == exp
+    adaptive = resolve_budget("rocketkv", t, prompt_len, max_new, d)
+    assert adaptive["split_ratio"] == _rocketkv_formula(t, prompt_len, max_new, d)["split_ratio"] != ratio
 
 
 # ------------------------------------------------------------------ HSA: stage 2 on the whole sequence
@@ -200,3 +221,15 @@ def test_bad_option_values():
 def test_quest_page_size_must_fit_the_budget(page_size):
     with pytest.raises(ValueError, match=rf"page_size={page_size!r} is not valid; give an integer from 1 to the budget \(256"):
         resolve_budget("quest", 256, 4000, 128, D, page_size=page_size)
+
+
+@pytest.mark.parametrize("method,option,fragments", [
+    ("rocketkv", {"split_ratio": 0}, ["split_ratio=0", "0 < split_ratio < 1"]),
+    ("rocketkv", {"split_ratio": 1.0}, ["split_ratio=1.0", "0 < split_ratio < 1"]),
+    ("rocketkv", {"split_ratio": "half"}, ["split_ratio='half'", "0 < split_ratio < 1"]),
+])
+def test_bad_method_option_values_name_the_value_and_what_is_valid(method, option, fragments):
+    with pytest.raises(ValueError) as err:
+        resolve_budget(method, 256, 4000, 128, D, **option)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))

@@ -29,6 +29,7 @@ BAD_INPUTS = [
     (["method.window=0"], ["window=0", "integer >= 1"]),
     (["+method.kernels=cuda"], ["kernels='cuda'", "auto, torch or triton"]),
     (["method=snapkv", "method.selection=row"], ["selection='row'", "head or group"]),
+    (["method.split_ratio=1.5"], ["split_ratio=1.5", "0 < split_ratio < 1"]),
     (["method=quest", "method.page_size=0"], ["page_size=0", "from 1 to the budget"]),
     (["method.nonexistent=1"], ["unknown option 'method.nonexistent'", "kernel_size", "window"]),
     (["foo=1"], ["unknown option 'foo'", "budget", "limit"]),

@@ -7,6 +7,8 @@ Budget split for one sample (``t`` = budget, ``d`` = head dim)::
     S = min(prompt_len + max_new, model_max_len)     c = max(1, S/t)
     r = min(0.2 + 0.06·log2 c, 0.8)                  C = max(⌊S / c^r⌋, min(2·max_new, S))
     P = C − max_new (prompt tokens kept)             then stage 2 on C (``hsa.stage2_budget``)
+
+``split_ratio`` fixes ``r`` instead (the paper's static-split ablation).
 """
 import math
 from dataclasses import dataclass
@@ -17,12 +19,12 @@ from rocketkv.core.methods.ops import covers_sequence, keep_selection, max_pool,
 
 
 def rocketkv_budget(budget: int, prompt_len: int, max_new_tokens: int, head_dim: int,
-                    model_max_len: int | None = None) -> dict:
+                    model_max_len: int | None = None, split_ratio: float | None = None) -> dict:
     s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
     c = max(1.0, s / budget)
-    ratio = min(0.2 + 0.06 * math.log2(c), 0.8)
+    ratio = min(0.2 + 0.06 * math.log2(c), 0.8) if split_ratio is None else split_ratio
     capacity = max(math.floor(s / c**ratio), min(2 * max_new_tokens, s))
-    return {"capacity": capacity, "prompt_budget": capacity - max_new_tokens,
+    return {"split_ratio": ratio, "capacity": capacity, "prompt_budget": capacity - max_new_tokens,
             **stage2_budget(budget, capacity, head_dim)}
 
 
@@ -31,9 +33,17 @@ def rocketkv_budget(budget: int, prompt_len: int, max_new_tokens: int, head_dim:
 class RocketKV(HybridSparseAttention):
     name = "rocketkv"
     kernel_size: int = 63
+    split_ratio: float | None = None  # None: the adaptive r above
+
+    def __post_init__(self):
+        super().__post_init__()
+        r = self.split_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1):
+            raise ValueError(f"method {self.name!r}: split_ratio={r!r} is not valid; give a number with "
+                             f"0 < split_ratio < 1 (e.g. 0.3, 0.5, 0.7), or null for the adaptive split")
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
-        plan = rocketkv_budget(self.budget, prompt_len, max_new_tokens, head_dim, model_max_len)
+        plan = rocketkv_budget(self.budget, prompt_len, max_new_tokens, head_dim, model_max_len, self.split_ratio)
         if plan["prompt_budget"] < self.window and prompt_len > plan["prompt_budget"]:
             raise ValueError(f"budget={self.budget}: RocketKV's prompt budget P={plan['prompt_budget']} is below the "
                              f"observation window w={self.window}; raise the budget or lower max_new_tokens")
