@@ -1,10 +1,13 @@
-"""Budget resolution: RocketKV's split (the issue's check rows) and its fixed-split option, HSA, Quest/SparQ
-formulas and budget errors."""
+"""Budget resolution: RocketKV's split (the issue's check rows), its fixed-split and adaptive-pooling options, HSA,
+Quest/SparQ formulas and budget errors."""
 import math
 
 import pytest
+import yaml
 
+from conftest import REPO
 from rocketkv.core.methods import METHODS
+from rocketkv.core.methods.ops import ADAPTIVE_KERNEL_SIZES
 from rocketkv.core.session import resolve_budget
 
 D = 128
@@ -87,6 +90,30 @@ def test_rocketkv_fixed_split(ratio, t, prompt_len, max_new, d):
     assert {key: plan[key] for key in exp} == exp
     adaptive = resolve_budget("rocketkv", t, prompt_len, max_new, d)
     assert adaptive["split_ratio"] == _rocketkv_formula(t, prompt_len, max_new, d)["split_ratio"] != ratio
+
+
+# ------------------------------------------------------------------ adaptive pooling (SnapKV++)
+@pytest.mark.parametrize("method,opts", [("rocketkv", {}), ("snapkv", {"selection": "group"})])
+@pytest.mark.parametrize("prompt_len,kernel", [(1000, 63), (49151, 63), (49152, 511), (127500, 511)])
+def test_adaptive_kernel_from_the_table(method, opts, prompt_len, kernel):
+    auto = resolve_budget(method, 4096, prompt_len, 128, D, kernel_size="auto", **opts)
+    assert auto["kernel_size"] == kernel
+    fixed = 63 if method == "rocketkv" else 7  # the default: a fixed kernel whatever the length
+    assert resolve_budget(method, 4096, prompt_len, 128, D, **opts)["kernel_size"] == fixed
+
+
+def test_adaptive_kernel_from_a_given_table():
+    table = [[0, 5], [100, 9], [1000, 31]]
+    kernels = [resolve_budget("rocketkv", 4096, n, 16, D, kernel_size="auto", adaptive_kernel_sizes=table)
+               ["kernel_size"] for n in (50, 99, 100, 999, 1000, 5000)]
+    assert kernels == [5, 5, 9, 9, 31, 31]
+
+
+@pytest.mark.parametrize("method", ["rocketkv", "snapkv"])
+def test_the_configs_table_is_the_default(method):
+    cfg = yaml.safe_load((REPO / "conf" / "method" / f"{method}.yaml").read_text())
+    assert [tuple(row) for row in cfg["adaptive_kernel_sizes"]] == list(ADAPTIVE_KERNEL_SIZES)
+    assert cfg["kernel_size"] == METHODS[method].kernel_size  # fixed by default (RocketKV: 63, the final paper)
 
 
 # ------------------------------------------------------------------ HSA: stage 2 on the whole sequence
@@ -224,6 +251,17 @@ def test_quest_page_size_must_fit_the_budget(page_size):
 
 
 @pytest.mark.parametrize("method,option,fragments", [
+    ("rocketkv", {"kernel_size": "abc"}, ["kernel_size='abc'", "odd integer >= 1", "auto"]),
+    ("rocketkv", {"kernel_size": 64}, ["kernel_size=64", "odd integer >= 1"]),
+    ("rocketkv", {"kernel_size": 0}, ["kernel_size=0", "odd integer >= 1"]),
+    ("rocketkv", {"kernel_size": True}, ["kernel_size=True", "odd integer >= 1"]),
+    ("snapkv", {"kernel_size": -7}, ["kernel_size=-7", "odd integer >= 1"]),
+    ("rocketkv", {"adaptive_kernel_sizes": [[10, 63]]}, ["adaptive_kernel_sizes=[[10, 63]]", "rising from 0"]),
+    ("rocketkv", {"adaptive_kernel_sizes": [[0, 63], [0, 511]]}, ["[[0, 63], [0, 511]]", "rising from 0"]),
+    ("rocketkv", {"adaptive_kernel_sizes": [[0, 63], [1000, 512]]}, ["[1000, 512]", "odd kernels"]),
+    ("rocketkv", {"adaptive_kernel_sizes": [[0, 63, 1]]}, ["[[0, 63, 1]]", "[from_prompt_len, kernel]"]),
+    ("snapkv", {"adaptive_kernel_sizes": []}, ["adaptive_kernel_sizes=[]", "[from_prompt_len, kernel]"]),
+    ("rocketkv", {"adaptive_kernel_sizes": 63}, ["adaptive_kernel_sizes=63", "[from_prompt_len, kernel]"]),
     ("rocketkv", {"split_ratio": 0}, ["split_ratio=0", "0 < split_ratio < 1"]),
     ("rocketkv", {"split_ratio": 1.0}, ["split_ratio=1.0", "0 < split_ratio < 1"]),
     ("rocketkv", {"split_ratio": "half"}, ["split_ratio='half'", "0 < split_ratio < 1"]),

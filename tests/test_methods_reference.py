@@ -365,7 +365,7 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
     b, hkv, g, d = shape
     split = n - 1
     m = make_method("rocketkv", 256, window=window, kernels="torch")
-    plan = {"prompt_budget": keep, "page_size": 2, "channels": 2, "topk": 8, "capacity": keep + 16}
+    plan = {"prompt_budget": keep, "page_size": 2, "channels": 2, "topk": 8, "capacity": keep + 16, "kernel_size": 63}
     layer, K, V = make_layer(m, b, hkv, g, d, n, seed=n + keep, plan=plan)
     q_prompt = torch.randn(b, hkv, g, n, d, generator=_gen(7))
     scale = d ** -0.5
@@ -386,6 +386,35 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
             pooled = ref_maxpool(scores, 63)
             check_topk_set(set(p for p in pos if p < split - window), pooled, keep - window)
             assert [p for p in pos if p >= split - window] == list(range(split - window, n))
+
+
+# ====================================================================== adaptive pooling (SnapKV++)
+def top_prefix(pooled, m):
+    return set(pooled.topk(m).indices.tolist())
+
+
+@pytest.mark.parametrize("method,opts,budget", [("rocketkv", {}, 32), ("snapkv", {"selection": "group"}, 40)])
+@pytest.mark.parametrize("n,kernel,other", [(90, 3, 15), (101, 15, 3)])
+def test_adaptive_kernel_is_the_tables_and_compression_pools_with_it(method, opts, budget, n, kernel, other):
+    """``kernel_size=auto``: the plan takes the kernel of the table's last row the prompt length reaches, and the
+    eviction pools with that kernel (checked against the reference selection with it; the other row's kernel
+    selects another set here, so the check tells them apart)."""
+    b, hkv, g, d, window = 1, 2, 2, 16, 8
+    m = make_method(method, budget, kernel_size="auto", adaptive_kernel_sizes=[[0, 3], [100, 15]], window=window,
+                    kernels="torch", **opts)
+    layer, K, _ = make_layer(m, b, hkv, g, d, n, seed=n)
+    plan = layer.state.plan
+    assert plan["kernel_size"] == kernel
+    split = n - 1
+    q_prompt = torch.randn(b, hkv, g, n, d, generator=_gen(n + 1))
+    m.compress(layer, q_prompt[..., :split, :], split, plan, d ** -0.5)
+    m_prefix = plan["prompt_budget"] - window
+    for kh in range(hkv):
+        scores = sum(ref_window_scores(q_prompt.double()[0, kh, h], K.double()[0, kh], split, window, d ** -0.5)
+                     for h in range(g))
+        lib = set(p for p in stored(layer, "positions")[0, kh].tolist() if p < split - window)
+        check_topk_set(lib, ref_maxpool(scores, kernel), m_prefix)
+        assert lib != top_prefix(ref_maxpool(scores, other), m_prefix)
 
 
 # ====================================================================== hsa

@@ -8,14 +8,16 @@ Budget split for one sample (``t`` = budget, ``d`` = head dim)::
     r = min(0.2 + 0.06·log2 c, 0.8)                  C = max(⌊S / c^r⌋, min(2·max_new, S))
     P = C − max_new (prompt tokens kept)             then stage 2 on C (``hsa.stage2_budget``)
 
-``split_ratio`` fixes ``r`` instead (the paper's static-split ablation).
+``split_ratio`` fixes ``r`` instead (the paper's static-split ablation).  ``kernel_size: auto`` picks stage 1's
+max-pool kernel from the prompt length by the ``adaptive_kernel_sizes`` table (SnapKV++'s adaptive pooling).
 """
 import math
 from dataclasses import dataclass
 
 from rocketkv.core.methods.base import register
 from rocketkv.core.methods.hsa import HybridSparseAttention, stage2_budget
-from rocketkv.core.methods.ops import covers_sequence, keep_selection, max_pool, seq_len_for_plan, window_scores
+from rocketkv.core.methods.ops import (ADAPTIVE_KERNEL_SIZES, check_pool_kernel, covers_sequence, keep_selection,
+                                       max_pool, pool_kernel, seq_len_for_plan, window_scores)
 
 
 def rocketkv_budget(budget: int, prompt_len: int, max_new_tokens: int, head_dim: int,
@@ -32,11 +34,13 @@ def rocketkv_budget(budget: int, prompt_len: int, max_new_tokens: int, head_dim:
 @dataclass
 class RocketKV(HybridSparseAttention):
     name = "rocketkv"
-    kernel_size: int = 63
+    kernel_size: int | str = 63
+    adaptive_kernel_sizes: tuple | list = ADAPTIVE_KERNEL_SIZES
     split_ratio: float | None = None  # None: the adaptive r above
 
     def __post_init__(self):
         super().__post_init__()
+        check_pool_kernel(self.name, self.kernel_size, self.adaptive_kernel_sizes)
         r = self.split_ratio
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1):
             raise ValueError(f"method {self.name!r}: split_ratio={r!r} is not valid; give a number with "
@@ -47,6 +51,7 @@ class RocketKV(HybridSparseAttention):
         if plan["prompt_budget"] < self.window and prompt_len > plan["prompt_budget"]:
             raise ValueError(f"budget={self.budget}: RocketKV's prompt budget P={plan['prompt_budget']} is below the "
                              f"observation window w={self.window}; raise the budget or lower max_new_tokens")
+        plan["kernel_size"] = pool_kernel(self.kernel_size, self.adaptive_kernel_sizes, prompt_len)
         plan["dense"] = prompt_len <= plan["prompt_budget"] and covers_sequence(plan["topk"], prompt_len,
                                                                                  max_new_tokens)
         return plan
@@ -56,5 +61,5 @@ class RocketKV(HybridSparseAttention):
         if prompt_len <= keep:
             return
         scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling).sum(dim=2)
-        chosen = max_pool(scores, self.kernel_size).topk(keep - self.window, dim=-1, sorted=False).indices
+        chosen = max_pool(scores, plan["kernel_size"]).topk(keep - self.window, dim=-1, sorted=False).indices
         keep_selection(layer, chosen, prompt_len - self.window)
