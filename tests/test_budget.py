@@ -246,7 +246,8 @@ def test_bad_option_values():
 
 @pytest.mark.parametrize("page_size", [0, 512, 16.0, True])
 def test_quest_page_size_must_fit_the_budget(page_size):
-    with pytest.raises(ValueError, match=rf"page_size={page_size!r} is not valid; give an integer from 1 to the budget \(256"):
+    expected = rf"page_size={page_size!r} is not valid; give an integer from 1 to the budget \(256"
+    with pytest.raises(ValueError, match=expected):
         resolve_budget("quest", 256, 4000, 128, D, page_size=page_size)
 
 

@@ -20,7 +20,8 @@ from rocketkv.harness.generation import prefill
 METHODS = [("full", None, {}), ("topk", 32, {}), ("snapkv", 192, {"selection": "head"}),
            ("snapkv", 48, {"selection": "group"}), ("quest", 32, {}), ("sparq", 32, {}), ("rocketkv", 32, {}),
            ("rocketkv", 64, {"skip_layers": 1}), ("hsa", 32, {}), ("quest", 16, {}),  # 16: Quest's page capped at k
-           ("rocketkv", 32, {"split_ratio": 0.5}), ("rocketkv", 32, {"kernel_size": "auto", "adaptive_kernel_sizes": [[0, 15]]}),
+           ("rocketkv", 32, {"split_ratio": 0.5}),
+           ("rocketkv", 32, {"kernel_size": "auto", "adaptive_kernel_sizes": [[0, 15]]}),
            ("snapkv", 48, {"selection": "group", "kernel_size": "auto"})]
 MAX_NEW = 12
 

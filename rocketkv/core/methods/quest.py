@@ -44,7 +44,8 @@ class Quest(Method):
         p = self.page_size
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= self.budget):
             raise ValueError(f"method {self.name!r}: page_size={p!r} is not valid; give an integer from 1 to the "
-                             f"budget ({self.budget}: a page must fit the attended tokens), or null for p = ceil(2S/t)")
+                             f"budget ({self.budget}: a page must fit the attended tokens), or null for "
+                             f"p = min(ceil(2S/t), t/2)")
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         if self.page_size is not None:

@@ -37,9 +37,8 @@ class SnapKV(Method):
                 f"budget={self.budget} leaves {per_set} tokens per {'query head' if self.selection == 'head' else 'KV head'}"
                 f", below the observation window w={self.window}; use budget >= "
                 f"{self.window * (group_size if self.selection == 'head' else 1)} or a smaller window")
-        return {"prompt_budget": per_set, "kernel_size": pool_kernel(self.kernel_size, self.adaptive_kernel_sizes,
-                                                                     prompt_len),
-                "dense": prompt_len <= per_set}  # nothing evicted: dense decode
+        kernel = pool_kernel(self.kernel_size, self.adaptive_kernel_sizes, prompt_len)
+        return {"prompt_budget": per_set, "kernel_size": kernel, "dense": prompt_len <= per_set}  # dense: nothing evicted
 
     def compress(self, layer, q_window, prompt_len, plan, scaling):
         keep = plan["prompt_budget"]
