@@ -19,7 +19,10 @@ from rocketkv.harness.generation import prefill
 
 METHODS = [("full", None, {}), ("topk", 32, {}), ("snapkv", 192, {"selection": "head"}),
            ("snapkv", 48, {"selection": "group"}), ("quest", 32, {}), ("sparq", 32, {}), ("rocketkv", 32, {}),
-           ("rocketkv", 64, {"skip_layers": 1}), ("rocketkv_mt", 32, {})]
+           ("rocketkv", 64, {"skip_layers": 1}), ("rocketkv_mt", 32, {}), ("hsa", 32, {}), ("quest", 16, {}),  # 16: Quest's page capped at k
+           ("rocketkv", 32, {"split_ratio": 0.5}),
+           ("rocketkv", 32, {"kernel_size": "auto", "adaptive_kernel_sizes": [[0, 15]]}),
+           ("snapkv", 48, {"selection": "group", "kernel_size": "auto"})]
 MAX_NEW = 12
 
 
@@ -99,13 +102,13 @@ def test_a_batch_of_rows_decodes_each_row_as_alone(method, budget, opts):
 def test_the_emulation_catches_a_step_that_reads_host_state(monkeypatch):
     """Guards the emulation itself: a step whose slot mask came from the host's slot count (frozen at capture)
     decodes other tokens in the emulated replay than in the eager loop."""
-    from rocketkv.core.methods import rocketkv as rocketkv_module
+    from rocketkv.core.methods import hsa as stage2_module  # RocketKV's decode step
 
     def from_host(layer, upto):
         return layer.slot_index < layer.stored
 
     monkeypatch.setattr(ops, "valid_slots", from_host)
-    monkeypatch.setattr(rocketkv_module, "valid_slots", from_host)
+    monkeypatch.setattr(stage2_module, "valid_slots", from_host)
     eager, _ = greedy(DecodeStep, "rocketkv", 32, {})
     replay, _ = greedy(FrozenHostReplay, "rocketkv", 32, {})
     assert replay != eager

@@ -29,6 +29,13 @@ BAD_INPUTS = [
     (["method.window=0"], ["window=0", "integer >= 1"]),
     (["+method.kernels=cuda"], ["kernels='cuda'", "auto, torch or triton"]),
     (["method=snapkv", "method.selection=row"], ["selection='row'", "head or group"]),
+    (["method.kernel_size=abc"], ["kernel_size='abc'", "odd integer >= 1", "auto"]),
+    (["method.kernel_size=64"], ["kernel_size=64", "odd integer >= 1"]),
+    (["method=snapkv", "method.kernel_size=-1"], ["kernel_size=-1", "odd integer >= 1"]),
+    (["method.adaptive_kernel_sizes=[[100,63]]"], ["adaptive_kernel_sizes=[[100, 63]]", "rising from 0"]),
+    (["method.adaptive_kernel_sizes=[[0,63],[49152,512]]"], ["[49152, 512]", "odd kernels"]),
+    (["method.split_ratio=1.5"], ["split_ratio=1.5", "0 < split_ratio < 1"]),
+    (["method=quest", "method.page_size=0"], ["page_size=0", "from 1 to the budget"]),
     (["method.nonexistent=1"], ["unknown option 'method.nonexistent'", "kernel_size", "window"]),
     (["foo=1"], ["unknown option 'foo'", "budget", "limit"]),
     (["grid.methods=[full,nope]"], ["unknown method 'nope'", "rocketkv"]),
@@ -116,4 +123,4 @@ def test_debug_shows_the_traceback():
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == \
-        "error: unknown method 'nope'; valid: full, quest, rocketkv, rocketkv_mt, snapkv, sparq, topk"
+        "error: unknown method 'nope'; valid: full, hsa, quest, rocketkv, rocketkv_mt, snapkv, sparq, topk"

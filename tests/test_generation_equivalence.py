@@ -49,7 +49,7 @@ def big_budget(model, method, selection="head"):
 
 
 METHODS = [("full", {}), ("topk", {}), ("snapkv", {"selection": "head"}), ("snapkv", {"selection": "group"}),
-           ("quest", {}), ("sparq", {}), ("rocketkv", {})]
+           ("quest", {}), ("sparq", {}), ("rocketkv", {}), ("hsa", {})]
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -97,6 +97,23 @@ def test_dense_plan_runs_bit_for_bit_as_full_kv(method, opts):
     assert runs[method][2] == runs["full"][2]
 
 
+def test_hsa_own_decode_at_a_covering_budget_equals_stock(monkeypatch):
+    """A covering budget marks HSA's plan dense (run as full KV); with that flag off its own page scores and top-k
+    run every step, and with k = t/2 >= the sequence they must select every slot: stock generation's tokens."""
+    from rocketkv.core.methods.hsa import HybridSparseAttention
+
+    planned = HybridSparseAttention.plan
+    monkeypatch.setattr(HybridSparseAttention, "plan", lambda self, *a, **k: {**planned(self, *a, **k), "dense": False})
+    model = peaky_model("llama")
+    ref_tokens, ref_logits = stock_reference("llama", 1, 1)
+    with compress(model, "hsa", 2 * CONTEXT, max_new_tokens=MAX_NEW) as session:
+        tokens, logits = stock_generate(model, prompt(seed=1))
+    assert not session.plan["dense"] and session.plan["page_size"] == 1
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert session.stats()["metadata_bytes"] > 0  # the page tables were built: HSA's own decode ran
+
+
 @pytest.mark.parametrize("method,opts", METHODS)
 def test_batch_of_two_with_large_budget_equals_stock(method, opts):
     model = peaky_model("llama")
@@ -111,7 +128,7 @@ def test_batch_of_two_with_large_budget_equals_stock(method, opts):
 
 SMALL = [("full", None, {}), ("topk", 32, {}), ("snapkv", 48 * 4, {"selection": "head"}),
          ("snapkv", 48, {"selection": "group"}), ("quest", 32, {}), ("sparq", 32, {}), ("rocketkv", 32, {}),
-         ("rocketkv", 32, {"skip_layers": 2})]
+         ("rocketkv", 32, {"skip_layers": 2}), ("hsa", 32, {})]
 
 
 def manual_loop(model, cache, ids, max_new):
@@ -134,7 +151,7 @@ def test_manual_loop_equals_generate_inside_compress(arch, method, budget, opts)
     torch.testing.assert_close(man_logits, gen_logits, atol=1e-4, rtol=1e-4)
     assert man_stats["kept_tokens"] == gen_stats["kept_tokens"]
     if method != "full":
-        assert gen_stats["kept_tokens"] < PROMPT_LEN - 1 or method in ("topk", "quest", "sparq")
+        assert gen_stats["kept_tokens"] < PROMPT_LEN - 1 or method in ("topk", "quest", "sparq", "hsa")
 
 
 @pytest.mark.parametrize("method,budget,opts", [("full", None, {}), ("snapkv", 48 * 4, {"selection": "head"}),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rocketkv.core.cache import CompressedLayer
-from rocketkv.core.methods import make_method
+from rocketkv.core.methods import METHODS, make_method
 from rocketkv.core.methods import ops
 from rocketkv.core.methods.ops import attend_indices as _attend_indices
 from rocketkv.core.state import GenerationState
@@ -55,10 +55,11 @@ def as_upto(n):
     return torch.tensor(n)
 
 
-def spy_indices(monkeypatch, module_name):
-    """Record the slot indices a method's decode hands to ``attend_indices``."""
+def spy_indices(monkeypatch, method_name):
+    """Record the slot indices a method's decode hands to ``attend_indices`` (in the module defining its decode:
+    RocketKV's is HSA's)."""
     seen = []
-    mod = importlib.import_module(f"rocketkv.core.methods.{module_name}")
+    mod = importlib.import_module(METHODS[method_name].decode.__module__)
 
     def spy(layer, q, idx, scaling, backend="auto"):
         seen.append(idx.clone())
@@ -208,7 +209,7 @@ def ref_pages(keys, upto, p):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n,plan", [(97, {"page_size": 4, "topk": 24}), (131, {"page_size": 3, "topk": 40}),
-                                    (50, {"page_size": 7, "topk": 6}), (64, {"page_size": 1, "topk": 10}),
+                                    (50, {"page_size": 7, "topk": 7}), (64, {"page_size": 1, "topk": 10}),
                                     (20, {"page_size": 5, "topk": 500})])
 def test_quest_reference(monkeypatch, shape, n, plan):
     b, hkv, g, d = shape
@@ -217,7 +218,7 @@ def test_quest_reference(monkeypatch, shape, n, plan):
     seen = spy_indices(monkeypatch, "quest")
     scale = d ** -0.5
     p = plan["page_size"]
-    n_sel = max(1, plan["topk"] // p)
+    n_sel = plan["topk"] // p
     # grow the cache a few tokens at a time: metadata must follow (last page filled, then new pages)
     extra_k = torch.randn(b, hkv, 5, d, generator=_gen(9))
     extra_v = torch.randn(b, hkv, 5, d, generator=_gen(10))
@@ -364,7 +365,7 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
     b, hkv, g, d = shape
     split = n - 1
     m = make_method("rocketkv", 256, window=window, kernels="torch")
-    plan = {"prompt_budget": keep, "page_size": 2, "channels": 2, "topk": 8, "capacity": keep + 16}
+    plan = {"prompt_budget": keep, "page_size": 2, "channels": 2, "topk": 8, "capacity": keep + 16, "kernel_size": 63}
     layer, K, V = make_layer(m, b, hkv, g, d, n, seed=n + keep, plan=plan)
     q_prompt = torch.randn(b, hkv, g, n, d, generator=_gen(7))
     scale = d ** -0.5
@@ -387,7 +388,104 @@ def test_rocketkv_stage1_reference(shape, n, keep, window):
             assert [p for p in pos if p >= split - window] == list(range(split - window, n))
 
 
-@pytest.mark.parametrize("method", ["topk", "quest", "sparq", "rocketkv"])
+# ====================================================================== adaptive pooling (SnapKV++)
+def top_prefix(pooled, m):
+    return set(pooled.topk(m).indices.tolist())
+
+
+@pytest.mark.parametrize("method,opts,budget", [("rocketkv", {}, 32), ("snapkv", {"selection": "group"}, 40)])
+@pytest.mark.parametrize("n,kernel,other", [(90, 3, 15), (101, 15, 3)])
+def test_adaptive_kernel_is_the_tables_and_compression_pools_with_it(method, opts, budget, n, kernel, other):
+    """``kernel_size=auto``: the plan takes the kernel of the table's last row the prompt length reaches, and the
+    eviction pools with that kernel (checked against the reference selection with it; the other row's kernel
+    selects another set here, so the check tells them apart)."""
+    b, hkv, g, d, window = 1, 2, 2, 16, 8
+    m = make_method(method, budget, kernel_size="auto", adaptive_kernel_sizes=[[0, 3], [100, 15]], window=window,
+                    kernels="torch", **opts)
+    layer, K, _ = make_layer(m, b, hkv, g, d, n, seed=n)
+    plan = layer.state.plan
+    assert plan["kernel_size"] == kernel
+    split = n - 1
+    q_prompt = torch.randn(b, hkv, g, n, d, generator=_gen(n + 1))
+    m.compress(layer, q_prompt[..., :split, :], split, plan, d ** -0.5)
+    m_prefix = plan["prompt_budget"] - window
+    for kh in range(hkv):
+        scores = sum(ref_window_scores(q_prompt.double()[0, kh, h], K.double()[0, kh], split, window, d ** -0.5)
+                     for h in range(g))
+        lib = set(p for p in stored(layer, "positions")[0, kh].tolist() if p < split - window)
+        check_topk_set(lib, ref_maxpool(scores, kernel), m_prefix)
+        assert lib != top_prefix(ref_maxpool(scores, other), m_prefix)
+
+
+# ====================================================================== hsa
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n,budget", [(97, 16), (131, 24), (50, 40)])
+def test_hsa_reference(monkeypatch, shape, n, budget):
+    """HSA keeps the whole prompt and runs RocketKV's stage 2 over it, with the page size, channels and top-k its
+    plan maps from the whole sequence."""
+    b, hkv, g, d = shape
+    max_new = 4
+    m = make_method("hsa", budget, kernels="torch")
+    layer, K, V = make_layer(m, b, hkv, g, d, n, seed=n + budget, max_new=max_new)
+    plan = layer.state.plan
+    assert plan["capacity"] == n + max_new and plan["topk"] == budget // 2 and not plan["dense"]
+    m.compress(layer, torch.randn(b, hkv, g, 8, d, generator=_gen(1)), n - 1, plan, d ** -0.5)
+    assert layer.stored == n  # nothing evicted
+    seen = spy_indices(monkeypatch, "hsa")
+    scale = d ** -0.5
+    extra_k = torch.randn(b, hkv, max_new, d, generator=_gen(13))
+    extra_v = torch.randn(b, hkv, max_new, d, generator=_gen(14))
+    for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, steps=3):
+        q = torch.randn(b, hkv, g, d, generator=_gen(50 + step))
+        q64 = q.double()
+        m.index(layer, plan) if step == 0 else m.index(layer, plan, as_upto(upto))
+        out, cost = m.decode(layer, q, as_upto(upto), plan, scale)
+        assert float(cost.attended) == plan["topk"]
+        idx = seen[-1]
+        for bi in range(b):
+            for kh in range(hkv):
+                probs = ref_rocketkv_stage2(q64[bi, kh], K64[bi, kh], upto, plan["page_size"], plan["channels"],
+                                            plan["topk"], d)
+                lib = set(idx[bi, kh, 0][idx[bi, kh, 0] >= 0].tolist())
+                check_topk_set(lib, probs, plan["topk"])
+                sel = sorted(lib)
+                for h in range(g):
+                    ref = ref_attend(q64[bi, kh, h], K64[bi, kh, sel], V64[bi, kh, sel], scale)
+                    torch.testing.assert_close(out[bi, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ====================================================================== quest on a long cache
+@pytest.mark.parametrize("budget", [32, 48])
+def test_quest_never_attends_more_than_k_on_a_long_cache(monkeypatch, budget):
+    """At S = 3016 tokens, ⌈2S/t⌉ (189 or 126) exceeds k = t/2: the page is capped at k, one whole page is
+    attended, never more than k tokens, and the output is exact attention over that page."""
+    b, hkv, g, d, n, max_new = 1, 2, 2, 16, 3000, 16
+    k = budget // 2
+    m = make_method("quest", budget, kernels="torch")
+    layer, K, V = make_layer(m, b, hkv, g, d, n, seed=budget, max_new=max_new)
+    plan = layer.state.plan
+    assert math.ceil(2 * (n + max_new) / budget) > k
+    assert plan["page_size"] == k and plan["selected_pages"] == 1 and plan["page_size_capped"]
+    seen = spy_indices(monkeypatch, "quest")
+    q = torch.randn(b, hkv, g, d, generator=_gen(budget + 1))
+    m.index(layer, plan)
+    out, cost = m.decode(layer, q, as_upto(n), plan, d ** -0.5)
+    assert float(cost.attended) <= k
+    idx = seen[-1]
+    q64, K64, V64 = q.double(), K.double(), V.double()
+    for kh in range(hkv):
+        lib_slots = sorted(idx[0, kh, 0][idx[0, kh, 0] >= 0].tolist())
+        assert 0 < len(lib_slots) <= k
+        mins, maxs = ref_pages(K64[0, kh], n, k)
+        bound = sum(torch.maximum(q64[0, kh, h] * mins, q64[0, kh, h] * maxs).sum(-1) for h in range(g))
+        best = bound.argmax().item()
+        assert lib_slots == list(range(best * k, min(n, best * k + k)))
+        for h in range(g):
+            ref = ref_attend(q64[0, kh, h], K64[0, kh, lib_slots], V64[0, kh, lib_slots], d ** -0.5)
+            torch.testing.assert_close(out[0, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "quest", "sparq", "rocketkv", "hsa"])
 def test_sparse_methods_exact_when_everything_fits(method):
     """With k >= stored tokens every method is exact attention (SparQ: α = 1, no mean reallocation)."""
     b, hkv, g, d, n = 1, 2, 4, 16, 40
@@ -405,6 +503,7 @@ def test_sparse_methods_exact_when_everything_fits(method):
 @pytest.mark.parametrize("method,plan", [
     ("quest", {"page_size": 4, "topk": 4}),
     ("rocketkv", {"page_size": 4, "channels": 4, "topk": 4, "prompt_budget": 100, "capacity": 100}),
+    ("hsa", {"page_size": 4, "channels": 4, "topk": 4, "capacity": 100}),
 ])
 def test_page_metadata_ignores_slots_beyond_upto(monkeypatch, method, plan):
     """``decode(layer, q, upto)`` attends over slots ``[0, upto)`` (Method.decode contract); the session uses
@@ -453,10 +552,10 @@ def covering_budget(name, n, max_new, g):
     """The smallest budget at which the method keeps and attends to every slot of an ``n + max_new`` sequence."""
     total = n + max_new
     return {"topk": total, "sparq": 2 * total, "quest": 2 * total, "snapkv": g * n,
-            "rocketkv": 2 * total}[name]
+            "rocketkv": 2 * total, "hsa": 2 * total}[name]
 
 
-@pytest.mark.parametrize("name", ["topk", "sparq", "quest", "snapkv", "rocketkv"])
+@pytest.mark.parametrize("name", ["topk", "sparq", "quest", "snapkv", "rocketkv", "hsa"])
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_dense_plan_means_the_method_attends_everything(name, shape):
     """A plan marked dense runs as full KV in the session; here the method's own hooks at that plan must
@@ -484,7 +583,8 @@ def test_dense_plan_means_the_method_attends_everything(name, shape):
                     torch.testing.assert_close(out[bi, h, j].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,budget", [("topk", 24), ("sparq", 24), ("quest", 24), ("rocketkv", 24), ("snapkv", 64)])
+@pytest.mark.parametrize("name,budget", [("topk", 24), ("sparq", 24), ("quest", 24), ("rocketkv", 24), ("snapkv", 64),
+                                         ("hsa", 24), ("quest", 16)])
 def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget):
     """On a GPU a host read (``.item()``, ``bool(tensor)``, ...) stalls the stream every layer; a decode step's
     selection, attention and statistics must stay on the device."""

@@ -136,6 +136,42 @@ def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, w
     return torch.softmax(logits, dim=-1).sum(dim=-2)[..., : prompt_len - window]
 
 
+# SnapKV++'s adaptive pooling (RocketKV's first version): rows of (from this prompt length on, this kernel).  The
+# method configs hold the table (``adaptive_kernel_sizes``); this is its default when a method is built in Python.
+ADAPTIVE_KERNEL_SIZES = ((0, 63), (49152, 511))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _odd_kernel(value) -> bool:
+    return _is_int(value) and value >= 1 and value % 2 == 1
+
+
+def check_pool_kernel(method: str, kernel_size, table) -> None:
+    """``kernel_size``: an odd integer >= 1 or ``auto``; ``table``: ``[[from_prompt_len, kernel], ...]`` with
+    lengths rising from 0 and odd kernels.  A bad value is a ``ValueError`` naming it and what is valid."""
+    if kernel_size != "auto" and not _odd_kernel(kernel_size):
+        raise ValueError(f"method {method!r}: kernel_size={kernel_size!r} is not valid; give an odd integer >= 1, "
+                         f"or auto (the kernel picked by prompt length from adaptive_kernel_sizes)")
+    rows = list(table) if isinstance(table, (list, tuple)) else []
+    well_formed = bool(rows) and all(isinstance(row, (list, tuple)) and len(row) == 2 and _is_int(row[0])
+                                     and _odd_kernel(row[1]) for row in rows)
+    if not (well_formed and rows[0][0] == 0 and all(a[0] < b[0] for a, b in zip(rows, rows[1:]))):
+        raise ValueError(f"method {method!r}: adaptive_kernel_sizes={table!r} is not valid; give rows "
+                         f"[from_prompt_len, kernel] with from_prompt_len rising from 0 and odd kernels >= 1, "
+                         f"e.g. [[0, 63], [49152, 511]]")
+
+
+def pool_kernel(kernel_size, table, prompt_len: int) -> int:
+    """The max-pool kernel for a prompt of ``prompt_len`` tokens: ``kernel_size``, or with ``auto`` the kernel of
+    the table's last row whose length ``prompt_len`` reaches."""
+    if kernel_size != "auto":
+        return kernel_size
+    return [kernel for start, kernel in table if prompt_len >= start][-1]
+
+
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     """Max-pool along the last axis with stride 1 and the same length (odd kernel)."""
     if kernel <= 1:

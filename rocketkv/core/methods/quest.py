@@ -2,6 +2,11 @@
 
 Budget split evenly: the approximation reads ``(S/p)·2d`` elements = ``t·d``, so ``p = ⌈2S/t⌉``, and the
 attended tokens are ``k = t/2``.  ``page_size`` overrides ``p`` (original Quest: 16, budget = attended tokens).
+
+Quest never attends more than ``k`` tokens a step: it selects ``⌊k/p⌋`` whole pages, and once ``⌈2S/t⌉`` exceeds
+``k`` (``S > t²/4``) the page size is capped at ``k`` (one page of ``k`` tokens).  Selection stays page-granular;
+what gives is the approximation, which then reads ``(S/k)·2d`` elements, more than ``t·d`` (the statistics count
+it).  The plan records ``selected_pages`` and ``page_size_capped``.
 """
 from dataclasses import dataclass
 
@@ -15,7 +20,9 @@ from rocketkv.core.methods.pages import index_pages, table_bytes, live_pages
 
 
 def selected_pages(topk: int, page_size: int) -> int:
-    return max(1, topk // page_size)
+    if page_size > topk:
+        raise ValueError(f"Quest plan: page_size={page_size} exceeds topk={topk}; a page must fit the attended tokens")
+    return topk // page_size
 
 
 def page_slots(pages: torch.Tensor, page_size: int, limit) -> torch.Tensor:
@@ -32,14 +39,25 @@ class Quest(Method):
     name = "quest"
     page_size: int | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        p = self.page_size
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= self.budget):
+            raise ValueError(f"method {self.name!r}: page_size={p!r} is not valid; give an integer from 1 to the "
+                             f"budget ({self.budget}: a page must fit the attended tokens), or null for "
+                             f"p = min(ceil(2S/t), t/2)")
+
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         if self.page_size is not None:
             page_size, topk = self.page_size, self.budget
         else:
             s = seq_len_for_plan(prompt_len, max_new_tokens, model_max_len)
             page_size, topk = max(1, ceil_div(2 * s, self.budget)), self.budget // 2
-        attended = selected_pages(topk, page_size) * page_size
-        return {"page_size": page_size, "topk": topk, "dense": covers_sequence(attended, prompt_len, max_new_tokens)}
+        capped = page_size > topk
+        page_size = min(page_size, topk)
+        pages = selected_pages(topk, page_size)
+        return {"page_size": page_size, "topk": topk, "selected_pages": pages, "page_size_capped": capped,
+                "dense": covers_sequence(pages * page_size, prompt_len, max_new_tokens)}
 
     def index(self, layer, plan, upto=None):
         index_pages(layer, plan["page_size"], upto)

@@ -24,4 +24,4 @@ class RocketKVMT(RocketKV):
     def compress(self, layer, q_window, prompt_len, plan, scaling):
         layer.track_history()
         window = min(self.window, q_window.shape[-2])  # a later turn may be shorter than the window
-        stage1(layer, q_window, prompt_len, plan["prompt_budget"], window, self.kernel_size, scaling)
+        stage1(layer, q_window, prompt_len, plan["prompt_budget"], window, plan["kernel_size"], scaling)

@@ -3,27 +3,32 @@
 Scores are the post-softmax attention of the last ``w`` prompt queries summed over those queries, max-pooled
 (stride 1, same length).  ``selection: head`` is the paper's baseline mapping (each query head keeps ``t/g``
 tokens, window included); ``selection: group`` sums the scores over the g heads of a KV group and keeps one
-set of ``t`` tokens per KV head (RocketKV's stage 1 without its capacity split).
+set of ``t`` tokens per KV head (RocketKV's stage 1 without its capacity split).  ``kernel_size: auto`` picks
+the kernel from the prompt length by the ``adaptive_kernel_sizes`` table: with ``selection: group`` that is
+SnapKV++ (the paper's GQA-aware SnapKV with adaptive pooling).
 """
 from dataclasses import dataclass
 
 import torch
 
 from rocketkv.core.methods.base import Method, register
-from rocketkv.core.methods.ops import keep_selection, max_pool, window_scores
+from rocketkv.core.methods.ops import (ADAPTIVE_KERNEL_SIZES, check_pool_kernel, keep_selection, max_pool,
+                                       pool_kernel, window_scores)
 
 
 @register
 @dataclass
 class SnapKV(Method):
     name = "snapkv"
-    kernel_size: int = 7
+    kernel_size: int | str = 7
     selection: str = "head"
+    adaptive_kernel_sizes: tuple | list = ADAPTIVE_KERNEL_SIZES
 
     def __post_init__(self):
         super().__post_init__()
         if self.selection not in ("head", "group"):
             raise ValueError(f"snapkv selection={self.selection!r} is not valid; use head or group")
+        check_pool_kernel(self.name, self.kernel_size, self.adaptive_kernel_sizes)
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size: int = 1):
         per_set = self.budget // group_size if self.selection == "head" else self.budget
@@ -32,7 +37,8 @@ class SnapKV(Method):
                 f"budget={self.budget} leaves {per_set} tokens per {'query head' if self.selection == 'head' else 'KV head'}"
                 f", below the observation window w={self.window}; use budget >= "
                 f"{self.window * (group_size if self.selection == 'head' else 1)} or a smaller window")
-        return {"prompt_budget": per_set, "dense": prompt_len <= per_set}  # nothing evicted: dense decode
+        kernel = pool_kernel(self.kernel_size, self.adaptive_kernel_sizes, prompt_len)
+        return {"prompt_budget": per_set, "kernel_size": kernel, "dense": prompt_len <= per_set}  # dense: nothing evicted
 
     def compress(self, layer, q_window, prompt_len, plan, scaling):
         keep = plan["prompt_budget"]
@@ -41,10 +47,10 @@ class SnapKV(Method):
         scores = window_scores(q_window, layer.keys, prompt_len, self.window, scaling)  # [B,Hkv,g,L-w]
         n_prefix = keep - self.window
         if self.selection == "group":
-            chosen = max_pool(scores.sum(dim=2), self.kernel_size).topk(n_prefix, dim=-1, sorted=False).indices
+            chosen = max_pool(scores.sum(dim=2), plan["kernel_size"]).topk(n_prefix, dim=-1, sorted=False).indices
             keep_selection(layer, chosen, prompt_len - self.window)
             return
-        per_head = max_pool(scores, self.kernel_size).topk(n_prefix, dim=-1, sorted=False).indices  # [B,Hkv,g,m]
+        per_head = max_pool(scores, plan["kernel_size"]).topk(n_prefix, dim=-1, sorted=False).indices  # [B,Hkv,g,m]
         self._keep_per_head(layer, per_head, prompt_len)
 
     def _keep_per_head(self, layer, per_head, prompt_len):
