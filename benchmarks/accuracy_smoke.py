@@ -1,4 +1,4 @@
-"""Accuracy smoke test on CPU: the needle grid (full, topk, snapkv, quest, sparq, rocketkv x budgets that bite at
+"""Accuracy smoke test on CPU: the needle grid (full, topk, snapkv, quest, sparq, rocketkv, hsa x budgets that bite at
 2k-4k tokens) on one model, with one shared prefill per prompt; prints score per method x budget next to the
 full-KV reference and the wall time.
 
@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from rocketkv.harness.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["full", "topk", "snapkv", "quest", "sparq", "rocketkv"]
+METHODS = ["full", "topk", "snapkv", "quest", "sparq", "rocketkv", "hsa"]
 
 
 def main():
