@@ -299,6 +299,23 @@ def ref_rocketkv_stage2(q64g, K64, upto, p, r, k, d):
     return probs / q64g.shape[0]
 
 
+
+def check_stage2_step(out, idx, q64, K64, V64, upto, plan, scale):
+    """One stage-2 decode step against the float64 reference: each KV group's selection is a top-k set of the
+    reference's page-broadcast probabilities, and each head's output is exact attention over that set."""
+    b, hkv, g, d = out.shape
+    for bi in range(b):
+        for kh in range(hkv):
+            probs = ref_rocketkv_stage2(q64[bi, kh], K64[bi, kh], upto, plan["page_size"], plan["channels"],
+                                        plan["topk"], d)
+            lib = set(idx[bi, kh, 0][idx[bi, kh, 0] >= 0].tolist())
+            check_topk_set(lib, probs, plan["topk"])
+            sel = sorted(lib)
+            for h in range(g):
+                ref = ref_attend(q64[bi, kh, h], K64[bi, kh, sel], V64[bi, kh, sel], scale)
+                torch.testing.assert_close(out[bi, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n,plan", [(97, {"page_size": 3, "channels": 5, "topk": 21}),
                                     (131, {"page_size": 1, "channels": 2, "topk": 16}),
@@ -324,16 +341,7 @@ def test_rocketkv_stage2_reference(monkeypatch, shape, n, plan):
         out, _ = m.decode(layer, q, as_upto(upto), plan, scale)
         idx = seen[-1]
         assert idx.shape[2] == 1  # one selection per KV group
-        for bi in range(b):
-            for kh in range(hkv):
-                probs = ref_rocketkv_stage2(q64[bi, kh], K64[bi, kh], upto, plan["page_size"], plan["channels"],
-                                            plan["topk"], d)
-                lib = set(idx[bi, kh, 0][idx[bi, kh, 0] >= 0].tolist())
-                check_topk_set(lib, probs, plan["topk"])
-                sel = sorted(lib)
-                for h in range(g):
-                    ref = ref_attend(q64[bi, kh, h], K64[bi, kh, sel], V64[bi, kh, sel], scale)
-                    torch.testing.assert_close(out[bi, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
+        check_stage2_step(out, idx, q64, K64, V64, upto, plan, scale)
 
 
 def test_rocketkv_zero_sign_uses_min(monkeypatch):
@@ -441,17 +449,7 @@ def test_hsa_reference(monkeypatch, shape, n, budget):
         m.index(layer, plan) if step == 0 else m.index(layer, plan, as_upto(upto))
         out, cost = m.decode(layer, q, as_upto(upto), plan, scale)
         assert float(cost.attended) == plan["topk"]
-        idx = seen[-1]
-        for bi in range(b):
-            for kh in range(hkv):
-                probs = ref_rocketkv_stage2(q64[bi, kh], K64[bi, kh], upto, plan["page_size"], plan["channels"],
-                                            plan["topk"], d)
-                lib = set(idx[bi, kh, 0][idx[bi, kh, 0] >= 0].tolist())
-                check_topk_set(lib, probs, plan["topk"])
-                sel = sorted(lib)
-                for h in range(g):
-                    ref = ref_attend(q64[bi, kh, h], K64[bi, kh, sel], V64[bi, kh, sel], scale)
-                    torch.testing.assert_close(out[bi, kh, h].double(), ref, atol=1e-5, rtol=1e-5)
+        check_stage2_step(out, seen[-1], q64, K64, V64, upto, plan, scale)
 
 
 # ====================================================================== quest on a long cache
