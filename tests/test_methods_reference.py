@@ -299,7 +299,6 @@ def ref_rocketkv_stage2(q64g, K64, upto, p, r, k, d):
     return probs / q64g.shape[0]
 
 
-
 def check_stage2_step(out, idx, q64, K64, V64, upto, plan, scale):
     """One stage-2 decode step against the float64 reference: each KV group's selection is a top-k set of the
     reference's page-broadcast probabilities, and each head's output is exact attention over that set."""
