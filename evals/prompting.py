@@ -105,9 +105,7 @@ def prompt_token_ids(tokenizer: Any, sample: Sample, model_chat: bool, model_max
     """
     if sample.prompt_ids is not None:
         ids = [int(i) for i in sample.prompt_ids]
-        if len(ids) + sample.max_new_tokens > model_max_len:
-            raise ValueError(f"sample {sample.id!r}: {len(ids)} prompt tokens plus {sample.max_new_tokens} new tokens "
-                             f"exceed the model's max length {model_max_len}")
+        _check_fits(sample, len(ids), model_max_len)
         return ids
     chat = uses_chat_template(tokenizer, sample, model_chat, fmt)
     bos = fmt.bos(chat)
@@ -139,6 +137,13 @@ def _encode(tokenizer: Any, text: str, bos: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=bos).input_ids)
 
 
+def _check_fits(sample: Sample, prompt_tokens: int, model_max_len: int) -> None:
+    """Ids given as they are (``prompt_ids``) must leave room for the sample's new tokens."""
+    if prompt_tokens + sample.max_new_tokens > model_max_len:
+        raise ValueError(f"sample {sample.id!r}: {prompt_tokens} prompt tokens plus {sample.max_new_tokens} new tokens "
+                         f"exceed the model's max length {model_max_len}")
+
+
 def prompt_rows(tokenizer: Any, sample: Sample, model_chat: bool, model_max_len: int,
                 fmt: PromptFormat = DEFAULT_FORMAT) -> list[list[int]]:
     """The token ids of every row of the sample: one row, or ``prompt_ids``' rows for a batch of equal-length
@@ -149,9 +154,7 @@ def prompt_rows(tokenizer: Any, sample: Sample, model_chat: bool, model_max_len:
         if len({len(row) for row in rows}) != 1:
             raise ValueError(f"sample {sample.id!r}: the rows of a batch must have equal lengths, got "
                              f"{sorted({len(row) for row in rows})}")
-        if len(rows[0]) + sample.max_new_tokens > model_max_len:
-            raise ValueError(f"sample {sample.id!r}: {len(rows[0])} prompt tokens plus {sample.max_new_tokens} new "
-                             f"tokens exceed the model's max length {model_max_len}")
+        _check_fits(sample, len(rows[0]), model_max_len)
         return rows
     return [prompt_token_ids(tokenizer, sample, model_chat, model_max_len, fmt)]
 

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from rocketkv.core.cache import CompressedLayer
+from rocketkv.core.graphs import GRAPH_MODES
 from rocketkv.core.methods.ops import StepCost, dense_decode
 
 __all__ = ["METHODS", "MIN_BUDGET", "Method", "StepCost", "option_names", "register"]
@@ -108,7 +109,7 @@ class Method:
                 raise ValueError(f"method {self.name!r}: {option}={value!r} is not valid; give an integer >= {least}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch or triton")
-        if self.cuda_graphs not in ("auto", "on", "off"):
+        if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"method {self.name!r}: cuda_graphs={self.cuda_graphs!r} is not valid; use auto, on or off")
 
     def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
