@@ -125,8 +125,20 @@ def load_model(cfg: Any, device: str | None = None, dtype: str | None = None):
         model, tok = _load_hub(spec, dt)
     else:
         model, tok = build_random_weights(spec, dev, dt)
-    model = model.to(device=dev, dtype=dt).eval()
-    return model, tok
+    return place(model, dev, dt).eval(), tok
+
+
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` on ``device`` in ``dtype``, except the rotary embeddings' frequency buffers, which stay float32 as
+    stock ``from_pretrained(dtype=...)`` leaves them: in bf16 their phase error at long positions changes every
+    score (at 8k-98k positions it exceeds 0.5 rad for a third of Llama-3.1's frequency pairs)."""
+    rotary = [(module, name, buf.float()) for module in model.modules()
+              if type(module).__name__.endswith("RotaryEmbedding")
+              for name, buf in module.named_buffers(recurse=False) if buf.is_floating_point()]
+    model = model.to(device=device, dtype=dtype)
+    for module, name, buf in rotary:
+        setattr(module, name, buf.to(device))
+    return model
 
 
 # ---------------------------------------------------------------- real architectures with random weights
