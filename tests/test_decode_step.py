@@ -122,3 +122,23 @@ def test_graph_modes():
         use_cuda_graphs("on", cpu)
     with pytest.raises(ValueError, match="cuda_graphs='yes' is not valid; use auto, on or off"):
         use_cuda_graphs("yes", cpu)
+
+
+def test_rope_that_syncs_on_the_host_is_never_captured():
+    from transformers import LlamaConfig
+
+    from rocketkv.core.graphs import rope_types
+
+    cuda = torch.device("cuda")
+    dynamic = LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    llama3 = LlamaConfig(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    assert rope_types(dynamic) == {"dynamic"} and rope_types(llama3) == {"llama3"}
+    assert rope_types(LlamaConfig()) == {"default"}
+    assert use_cuda_graphs("auto", cuda, rope_types(llama3)) is True
+    assert use_cuda_graphs("auto", cuda, rope_types(dynamic)) is False  # eager decode instead
+    with pytest.raises(ValueError, match="cuda_graphs=on cannot capture this model's rope_type=dynamic.*auto or off"):
+        use_cuda_graphs("on", cuda, rope_types(dynamic))
+    with pytest.raises(ValueError, match="rope_type=longrope"):
+        use_cuda_graphs("on", cuda, {"longrope"})

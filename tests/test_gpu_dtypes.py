@@ -37,7 +37,7 @@ def saved_peaky(tmp_path_factory):
 
 
 def hub_spec(folder, dtype):
-    return ModelSpec(name="peaky", source="hub", max_len=8192, path=str(folder), dtype=dtype)
+    return ModelSpec(name="peaky", source="hub", max_len=8192, path=str(folder), dtype=dtype, device="cpu")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -48,9 +48,10 @@ def test_rotary_buffers_stay_float32_on_every_load_path(saved_peaky, dtype):
     stock = AutoModelForCausalLM.from_pretrained(saved_peaky, dtype=want)
     loaded = {
         "hub folder": load_model(hub_spec(saved_peaky, dtype))[0],
-        "tiny-random": load_model(ModelSpec(name="t", source="tiny_random", max_len=8192, dtype=dtype))[0],
+        "tiny-random": load_model(ModelSpec(name="t", source="tiny_random", max_len=8192, dtype=dtype,
+                                            device="cpu"))[0],
         "random weights": load_model(ModelSpec(name="r", source="random_weights", max_len=16384,
-                                               architecture=SMALL_LLAMA3, dtype=dtype))[0],
+                                               architecture=SMALL_LLAMA3, dtype=dtype, device="cpu"))[0],
     }
     assert {b.dtype for b in rotary_buffers(stock).values()} == {torch.float32}
     for path, model in loaded.items():
@@ -65,7 +66,7 @@ def test_rotary_buffers_stay_float32_for_the_embedded_gguf_model():
     cfg = yaml.safe_load((REPO / "conf" / "model" / "smollm2-135m.yaml").read_text())
     if importlib.util.find_spec(cfg["gguf_parts"][0][0]) is None:
         pytest.skip(f"the embedded model's package is not installed ({cfg['install']})")
-    model, _ = load_model(ModelSpec.from_cfg({**cfg, "dtype": "bfloat16"}))
+    model, _ = load_model(ModelSpec.from_cfg({**cfg, "dtype": "bfloat16", "device": "cpu"}))
     assert model.dtype == torch.bfloat16
     assert {b.dtype for b in rotary_buffers(model).values()} == {torch.float32}
 

@@ -10,8 +10,6 @@ import string
 from collections import Counter
 from typing import Callable
 
-from rapidfuzz import fuzz
-from rouge import Rouge
 
 CHINESE_PUNCTUATION = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟"
                        "〰〾〿–—‘’‛“”„‟…‧﹏.")
@@ -66,6 +64,8 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, **kwargs) -> float:
 
 def rouge_score(prediction: str, ground_truth: str, **kwargs) -> float:
     """ROUGE-L F of the ``rouge`` package; 0 when it refuses the input (empty hypothesis, recursion depth ...)."""
+    from rouge import Rouge  # imported when scoring: a run refused before it needs no metric library
+
     try:
         scores = Rouge().get_scores([prediction], [ground_truth], avg=True)
     except Exception:  # the official code uses a bare except here: any failure scores 0
@@ -121,6 +121,8 @@ def fuzzywuzzy_ratio(a: str, b: str) -> int:
     (half to even, like fuzzywuzzy's ``int(round(...))``) gives the official integer.  Both give 100 for two equal
     strings (two empty ones included) and 0 when only one is empty.
     """
+    from rapidfuzz import fuzz
+
     return int(round(fuzz.ratio(a, b)))
 
 

@@ -14,15 +14,31 @@ import time
 import torch
 
 GRAPH_MODES = ("auto", "on", "off")
+# RoPE types whose frequencies transformers recomputes from the sequence length read on the host in every forward
+# (``dynamic_rope_update``): a captured step would replay the first step's frequencies.
+HOST_SYNCED_ROPE = ("dynamic", "longrope")
 
 
-def use_cuda_graphs(mode: str, device: torch.device) -> bool:
-    """``method.cuda_graphs``: "auto" captures on CUDA; "on" insists (an error elsewhere); "off" never does."""
+def rope_types(config) -> set[str]:
+    """The RoPE types of a transformers config (``rope_parameters``, or per layer type a dict of them)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)] if isinstance(params, dict) else []
+    return {p.get("rope_type", p.get("type", "default")) for p in (nested or [params]) if isinstance(p, dict)}
+
+
+def use_cuda_graphs(mode: str, device: torch.device, rope: set[str] | tuple = ()) -> bool:
+    """``method.cuda_graphs``: "auto" captures on CUDA; "on" insists (an error elsewhere); "off" never does.  A
+    model whose RoPE (``rope``, from ``rope_types``) syncs on the host decodes eagerly under "auto"."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"cuda_graphs={mode!r} is not valid; use auto, on or off")
     if mode == "on" and device.type != "cuda":
         raise ValueError(f"cuda_graphs=on needs a CUDA device, and the model is on {device}; use auto or off")
-    return mode != "off" and device.type == "cuda"
+    host_synced = sorted(set(rope) & set(HOST_SYNCED_ROPE))
+    if mode == "on" and host_synced:
+        raise ValueError(f"cuda_graphs=on cannot capture this model's rope_type={host_synced[0]}: transformers "
+                         f"recomputes its frequencies from a length read on the host every step; use "
+                         f"cuda_graphs=auto or off (eager decode)")
+    return mode != "off" and device.type == "cuda" and not host_synced
 
 
 class DecodeStep:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from evals.base import Sample, Task
 from rocketkv.core import AttentionShape, compress
-from rocketkv.core.graphs import use_cuda_graphs
+from rocketkv.core.graphs import rope_types, use_cuda_graphs
 from rocketkv.harness.cells import Cell, plan_shape
 from rocketkv.harness.generation import decode, prefill
 from rocketkv.harness.memory import PeakMemory
@@ -28,7 +28,7 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
     mem.reset()
     new = sample.max_new_tokens
     plan = cell.plan(*plan_shape(sample, turns), AttentionShape.of(model), spec.plan_max_len)
-    graphs = use_cuda_graphs(cell.method.cuda_graphs, model.device)
+    graphs = use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config))
     split = cell.method.decode_last_prompt_token
     done, peaks = [], []
     with compress(model, cell.method, max_new_tokens=new, model_max_len=spec.plan_max_len) as session:

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 from evals.base import Sample, Task
 from rocketkv.core import AttentionShape, compress
 from rocketkv.harness.cells import Cell
-from rocketkv.core.graphs import use_cuda_graphs
+from rocketkv.core.graphs import rope_types, use_cuda_graphs
 from rocketkv.harness.generation import Decoding, Timer, decode, forward, prefill
 from rocketkv.harness.memory import PeakMemory, process_peak_rss
 from rocketkv.harness.models import ModelSpec
@@ -89,7 +89,7 @@ def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[lis
         prefill_peak = mem.read()
         mem.reset()
         decoding = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos,
-                          use_cuda_graphs(cell.method.cuda_graphs, model.device))
+                          use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config)))
         decode_peak = mem.read()
     memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
     return sample_record(sample, rows, Decoded(decoding, t_prefill, session.release(), memory), plan, task)
@@ -153,7 +153,7 @@ def decode_forked(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[
         fork_peak = mem.read()
         mem.reset()
         decoding = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos,
-                          use_cuda_graphs(cell.method.cuda_graphs, model.device))
+                          use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config)))
         decode_peak = mem.read()
     stats = session.release()
     del cache, logits
