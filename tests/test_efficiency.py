@@ -193,6 +193,20 @@ def test_gpu_check_script_parses_and_fails_fast_without_cuda(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_gpu_check_fits_eight_minutes_in_the_worst_case():
+    """Every step's limit, the install's and the summary's add up to under 8 minutes (a GPU loan is 15 minutes,
+    machine start included)."""
+    import re
+
+    text = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    limits = [int(n) for n in re.findall(r'^\s*(?:step|efficiency) "[^"]+" (\d+)', text, re.M)]
+    limits += [int(re.search(r"timeout --kill-after=(\d+)", text).group(1))] * len(limits)  # a step's grace
+    limits += [int(n) for n in re.findall(r"^\s*timeout (\d+) ", text, re.M)]
+    limits += [int(re.search(r"^INSTALL_LIMIT=(\d+)", text, re.M).group(1))]
+    assert len(limits) >= 15  # 6 steps and their grace, the imports, the summary, the install
+    assert sum(limits) < 480, limits
+
+
 def test_gpu_check_summary_is_one_table(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("gpu_check_summary", REPO / "benchmarks" / "gpu_check_summary.py")
     summary = importlib.util.module_from_spec(spec)

@@ -8,11 +8,16 @@ this package works on machines without it.
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 
 import torch
 
 from rocketkv.core.kernels import reference
+from rocketkv.core.kernels.interpreter import patch_scalar_index
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_scalar_index()  # the interpreter with numpy >= 2.4 (see interpreter.py)
 
 __all__ = [
     "quest_page_scores",
