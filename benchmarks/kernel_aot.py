@@ -7,10 +7,11 @@ CPU tensors with ``JITFunction.run`` replaced by a recorder, and every recorded 
 by the JIT's own binder against ``GPUTarget("cuda", 90, 32)`` (the triton wheel ships ptxas).  Kernels found in a
 ``rocketkv.core.kernels`` module that no example launches are listed as not covered: add an example for them.
 
-    python benchmarks/kernel_aot.py [--arch 90] [--context 32768] [--batch 1] [--dtype float16] [--json out.json]
+    python benchmarks/kernel_aot.py [--arch 90] [--context 32768] [--batch 1] [--dtype bfloat16] [--json out.json]
 
 Columns: regs = registers per thread; spill = spill stores + loads (bytes); widest ld = the widest ``ld.global``
-in the PTX in bits (128 = 16-byte vector loads); cp.async = asynchronous global->shared copies (count of
+in the PTX in bits (128 = 16-byte vector loads), and at the end every ``ld.global`` width with its count of
+instructions (loads that go through cp.async are not among them); cp.async = asynchronous global->shared copies (count of
 ``cp.async`` instructions in the PTX and their widest size in bytes); TMA = bulk tensor copies; smem = shared
 memory bytes per program.
 """
@@ -24,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,13 +131,13 @@ def ptxas_usage(ptx: str, arch: str) -> tuple[int | None, int | None]:
 
 
 def ptx_memory_ops(ptx: str) -> dict:
-    """The widest ld.global (bits), cp.async copies (count, widest bytes) and TMA copies in a kernel's PTX."""
-    widest = 0
-    for vec, bits in re.findall(r"\bld\.global(?:\.[a-z0-9:]+)*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx):
-        widest = max(widest, int(vec or 1) * int(bits))
+    """The global loads (bits x instructions, the widest), cp.async copies (count, widest bytes) and TMA copies in a kernel's PTX."""
+    widths = Counter(int(vec or 1) * int(bits) for vec, bits in
+                     re.findall(r"\bld\.global(?:\.[a-z0-9:]+)*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx))
     async_sizes = [int(s, 0) for s in re.findall(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global\s[^,]+,[^,]+,\s*(0x[0-9a-f]+|\d+)", ptx)]
     tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
-    return {"widest_ld_bits": widest, "cp_async": len(async_sizes), "cp_async_bytes": max(async_sizes, default=0),
+    return {"widest_ld_bits": max(widths, default=0),
+            "ld_global": " ".join(f"{bits}x{n}" for bits, n in sorted(widths.items(), reverse=True)), "cp_async": len(async_sizes), "cp_async_bytes": max(async_sizes, default=0),
             "tma": tma}
 
 
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                        help="K/V and query dtype (the check's model runs in bfloat16)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -156,15 +159,15 @@ def main(argv=None) -> int:
     arch = f"sm_{args.arch}{'a' if args.arch >= 90 else ''}"
     print(f"Triton kernels compiled for {arch} on this machine: B={args.batch} Hkv=8 g=4 d=128 "
           f"context={args.context} {args.dtype}\n")
-    header = (f"{'kernel':<40} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'widest ld':>9} "
-              f"{'cp.async':>8} {'TMA':>3} {'smem':>6}")
+    header = (f"{'call':<24} {'kernel':<30} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'widest ld':>9} "
+              f"{'cp.async':>8} {'TMA':>3} {'smem':>6}  ld.global bits x count")
     print(header)
     print("-" * len(header))
     rows, seen = [], set()
     for example, fn, fargs, fkwargs in recorded_launches(examples(args)):
         kernel = compile_for(fn, fargs, fkwargs, target)
         meta = kernel.metadata
-        key = (fn.__name__, str(fkwargs))
+        key = (example, fn.__name__, str(fkwargs))
         if key in seen:
             continue
         seen.add(key)
@@ -173,8 +176,8 @@ def main(argv=None) -> int:
                "registers": regs, "spill_bytes": spill, "shared_bytes": meta.shared, **ptx_memory_ops(kernel.asm["ptx"])}
         rows.append(row)
         copies = f"{row['cp_async']}x{row['cp_async_bytes']}B" if row["cp_async"] else "none"
-        print(f"{row['kernel']:<40} {row['num_warps']:>5} {row['num_stages']:>6} {regs:>4} {spill:>5} "
-              f"{row['widest_ld_bits']:>6}bit {copies:>8} {'yes' if row['tma'] else 'no':>3} {meta.shared:>6}")
+        print(f"{example:<24} {row['kernel']:<30} {row['num_warps']:>5} {row['num_stages']:>6} {regs:>4} {spill:>5} "
+              f"{row['widest_ld_bits']:>6}bit {copies:>8} {'yes' if row['tma'] else 'no':>3} {meta.shared:>6}  {row['ld_global']}")
     launched = {fn for _, fn, _, _ in recorded_launches(examples(args))}
     missing = sorted(name for name, fn in kernel_functions().items() if fn not in launched)
     if missing:

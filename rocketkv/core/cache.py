@@ -111,6 +111,7 @@ class CompressedLayer(DynamicLayer):
         self.length = torch.zeros((), dtype=torch.long, device=key_states.device)
         self.seen_t = torch.zeros((), dtype=torch.long, device=key_states.device)
 
+    @torch.compiler.disable  # a compiled decode step (method.compile) runs it eagerly: it keeps host counts
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
