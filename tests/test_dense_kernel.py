@@ -92,12 +92,31 @@ def check(device, dtypes, llama_dtypes=None) -> list[tuple[bool, str]]:
     return results
 
 
+def check_decode_steps() -> list[tuple[bool, str]]:
+    """Full KV's greedy decode of the tiny model through the kernel (kernels=triton) gives the torch path's tokens
+    and statistics, also replayed with its host state frozen (as a CUDA graph would: upto is read on the device)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from rocketkv.core.graphs import DecodeStep
+    from test_decode_step import FrozenHostReplay, greedy, prompts
+
+    want = greedy(DecodeStep, "full", None, {"kernels": "torch"}, prompts(0, 2))
+    results = []
+    for step in (DecodeStep, FrozenHostReplay):
+        got = greedy(step, "full", None, {"kernels": "triton"}, prompts(0, 2))
+        ok = got == want
+        results.append((ok, f"{'ok  ' if ok else 'FAIL'} full KV decode, kernels=triton, {step.__name__}: "
+                            f"{'same' if ok else 'other'} tokens and statistics as kernels=torch"))
+    return results
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1" and not HAS_CUDA:
         print("the triton kernel on CPU needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
         return 2
     # in the interpreter the Llama-sized cases run in float16 only (they take most of the time)
     results = check("cuda" if HAS_CUDA else "cpu", (torch.float32, torch.float16), (torch.float16,))
+    if not HAS_CUDA:
+        results += check_decode_steps()
     print("\n".join(line for _, line in results))
     return 0 if all(ok for ok, _ in results) else 1
 
