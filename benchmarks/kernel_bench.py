@@ -68,11 +68,12 @@ def small_cases(args, dtype, device) -> list[KernelCase]:
     page_min_t, page_max_t = torch.minimum(first, second), torch.maximum(first, second)
     channels = torch.rand(batch, KV_HEADS, HEAD_DIM, generator=gen, device=device).topk(args.channels, -1).indices
     signs = torch.where(torch.rand(batch, KV_HEADS, args.channels, generator=gen, device=device) > 0.5, 1.0, -1.0)
+    signs = signs.to(dtype)
     keys, values = (_randn(gen, device, dtype, batch, KV_HEADS, n, HEAD_DIM) for _ in range(2))
     indices = torch.rand(batch, KV_HEADS, n, generator=gen, device=device).topk(args.budget, -1).indices
     return [
         KernelCase("rocketkv_page_scores", n, batch, None, lambda backend: kernels.rocketkv_page_scores(
-            q, page_min_t, page_max_t, channels, signs.to(dtype), backend=backend)),
+            q, page_min_t, page_max_t, channels, signs, backend=backend)),
         KernelCase("quest_page_scores", n, batch, None,
                    lambda backend: kernels.quest_page_scores(q, page_min_t, page_max_t, backend=backend)),
         KernelCase("sparse_decode_attention", n, batch, None, lambda backend: kernels.sparse_decode_attention(

@@ -156,3 +156,45 @@ def test_cuda_graph_replay_follows_upto():
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _kernel_aot():
+    spec = importlib.util.spec_from_file_location("kernel_aot", REPO_ROOT / "benchmarks" / "kernel_aot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_every_triton_kernel_has_an_aot_example():
+    """benchmarks/kernel_aot.py reports every kernel of rocketkv.core.kernels: each is launched by an example."""
+    from argparse import Namespace
+
+    aot = _kernel_aot()
+    args = Namespace(batch=1, context=2048, dtype="bfloat16")
+    launched = {fn for _, fn, _, _ in aot.recorded_launches(aot.examples(args))}
+    kernels = aot.kernel_functions()
+    assert "triton_dense._dense_decode_partial_kernel" in kernels
+    assert sorted(name for name, fn in kernels.items() if fn not in launched) == []
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_dense_kernel_compiles_for_sm90_pipelined_without_spills():
+    """Compiled for an H100/H200 as the JIT would at Llama-8B heads: cp.async K/V copies of 16 bytes, no spills, and
+    small enough for the PROGRAMS_PER_SM the split assumes (registers and shared memory of an sm_90 SM)."""
+    from rocketkv.core.kernels import triton_dense
+    from argparse import Namespace
+
+    from triton.backends.compiler import GPUTarget
+
+    aot = _kernel_aot()
+    calls = aot.examples(Namespace(batch=1, context=32768, dtype="bfloat16"))
+    [(_, fn, args, kwargs), _] = aot.recorded_launches({"dense": calls["dense_decode_attention"]})
+    assert fn.__name__ == "_dense_decode_partial_kernel"
+    kernel = aot.compile_for(fn, args, kwargs, GPUTarget("cuda", 90, 32))
+    ops = aot.ptx_memory_ops(kernel.asm["ptx"])
+    registers, spills = aot.ptxas_usage(kernel.asm["ptx"], "sm_90a")
+    assert ops["cp_async"] > 0 and ops["cp_async_bytes"] == 16 and spills == 0
+    per_sm = triton_dense.PROGRAMS_PER_SM
+    assert registers * 32 * triton_dense.NUM_WARPS * per_sm <= 65536  # registers per SM
+    assert (kernel.metadata.shared + 1024) * per_sm <= 228 * 1024  # shared memory per SM (1 KiB reserved a block)
