@@ -153,12 +153,16 @@ class DecodeStep:
                 self._forward()
             torch.cuda.current_stream(self.tokens.device).wait_stream(side)
             return
-        graph = torch.cuda.CUDAGraph(keep_graph=True)  # the graph kept to count its kernels
+        try:
+            graph, kept = torch.cuda.CUDAGraph(keep_graph=True), True  # the graph kept to count its kernels
+        except TypeError:  # a torch without keep_graph: no count
+            graph, kept = torch.cuda.CUDAGraph(), False
         with torch.cuda.graph(graph):  # records the step's kernels; nothing runs on the device yet
             self._forward()
         self.state.advance(-1)  # the capture ran the step's host bookkeeping once, the replay below counts it
-        self.kernels_per_step = graph_kernels(graph)
-        graph.instantiate()
+        if kept:
+            self.kernels_per_step = graph_kernels(graph)
+            graph.instantiate()
         self.graph = graph
         graph.replay()
         self.state.advance(1)
