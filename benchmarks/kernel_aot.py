@@ -11,9 +11,9 @@ by the JIT's own binder against ``GPUTarget("cuda", 90, 32)`` (the triton wheel 
 
 Columns: regs = registers per thread; spill = spill stores + loads (bytes); widest ld = the widest ``ld.global``
 in the PTX in bits (128 = 16-byte vector loads), and at the end every ``ld.global`` width with its count of
-instructions (loads that go through cp.async are not among them); cp.async = asynchronous global->shared copies (count of
-``cp.async`` instructions in the PTX and their widest size in bytes); TMA = bulk tensor copies; smem = shared
-memory bytes per program.
+instructions (loads that go through cp.async are not among them); cp.async = asynchronous global->shared copies
+(count of ``cp.async`` instructions in the PTX and their widest size in bytes); TMA = bulk tensor copies; smem =
+shared memory bytes per program.
 """
 from __future__ import annotations
 
@@ -131,14 +131,15 @@ def ptxas_usage(ptx: str, arch: str) -> tuple[int | None, int | None]:
 
 
 def ptx_memory_ops(ptx: str) -> dict:
-    """The global loads (bits x instructions, the widest), cp.async copies (count, widest bytes) and TMA copies in a kernel's PTX."""
+    """A kernel's PTX: its ld.global widths (bits: count, the widest), cp.async copies (count, widest bytes), TMA."""
     widths = Counter(int(vec or 1) * int(bits) for vec, bits in
                      re.findall(r"\bld\.global(?:\.[a-z0-9:]+)*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx))
-    async_sizes = [int(s, 0) for s in re.findall(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global\s[^,]+,[^,]+,\s*(0x[0-9a-f]+|\d+)", ptx)]
-    tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
+    async_sizes = [int(size, 0) for size in re.findall(
+        r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global\s[^,]+,[^,]+,\s*(0x[0-9a-f]+|\d+)", ptx)]
     return {"widest_ld_bits": max(widths, default=0),
-            "ld_global": " ".join(f"{bits}x{n}" for bits, n in sorted(widths.items(), reverse=True)), "cp_async": len(async_sizes), "cp_async_bytes": max(async_sizes, default=0),
-            "tma": tma}
+            "ld_global": " ".join(f"{bits}x{n}" for bits, n in sorted(widths.items(), reverse=True)),
+            "cp_async": len(async_sizes), "cp_async_bytes": max(async_sizes, default=0),
+            "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))}
 
 
 def main(argv=None) -> int:
@@ -173,11 +174,13 @@ def main(argv=None) -> int:
         seen.add(key)
         regs, spill = ptxas_usage(kernel.asm["ptx"], arch)
         row = {"kernel": fn.__name__, "example": example, "num_warps": meta.num_warps, "num_stages": meta.num_stages,
-               "registers": regs, "spill_bytes": spill, "shared_bytes": meta.shared, **ptx_memory_ops(kernel.asm["ptx"])}
+               "registers": regs, "spill_bytes": spill, "shared_bytes": meta.shared,
+               **ptx_memory_ops(kernel.asm["ptx"])}
         rows.append(row)
         copies = f"{row['cp_async']}x{row['cp_async_bytes']}B" if row["cp_async"] else "none"
         print(f"{example:<24} {row['kernel']:<30} {row['num_warps']:>5} {row['num_stages']:>6} {regs:>4} {spill:>5} "
-              f"{row['widest_ld_bits']:>6}bit {copies:>8} {'yes' if row['tma'] else 'no':>3} {meta.shared:>6}  {row['ld_global']}")
+              f"{row['widest_ld_bits']:>6}bit {copies:>8} {'yes' if row['tma'] else 'no':>3} {meta.shared:>6}  "
+              f"{row['ld_global']}")
     launched = {fn for _, fn, _, _ in recorded_launches(examples(args))}
     missing = sorted(name for name, fn in kernel_functions().items() if fn not in launched)
     if missing:
