@@ -11,7 +11,8 @@ At batch 1 the model's own small ops (RMSNorm, RoPE, SwiGLU, residual adds: some
 as much as the K/V a method saves.  ``method.compile`` runs the decoder layers through ``torch.compile`` (inductor
 fuses them; inside our CUDA graph on CUDA).  The cache update and the attention function stay eager (they are
 ``torch.compiler.disable``d: they keep the methods' host bookkeeping), so each layer compiles into two graphs
-around them: the norm, projections and RoPE before, and the output projection, residuals, norm and MLP after.
+around them, one code for every layer: the norm, projections and RoPE before, and the output projection,
+residuals, norm and MLP after.
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def running(pairs: list[tuple[torch.nn.Module, object]] | None):
     for module, forward in pairs:
         module.forward = forward
     try:
-        yield
+        # a layer's int attributes (its layer_idx) as inputs, not constants: one compiled graph serves every layer
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            yield
     finally:
         for module, _ in pairs:
             del module.forward
