@@ -4,10 +4,11 @@
 # (tests/test_gpu_check.py adds them up):
 #   1. the CUDA tests: Triton kernels against torch, every method's decode replayed as a CUDA graph against the
 #      eager loop, the random-weight build on the device, CUDA peak memory (tests marked for CUDA, skipped on CPU);
-#   2. benchmarks/kernel_bench.py at 32k / budget 256: each Triton kernel against its bytes floor;
-#   3. benchmarks/topk_ties.py: which of tied values at the cut CUDA's topk keeps (when the script is there);
+#   2. benchmarks/kernel_bench.py: full KV's dense kernel at 32k-96k, batch 1 and 8, against its bytes floor, and the
+#      small kernels in us per call, each replayed in a CUDA graph;
+#   3. benchmarks/topk_ties.py: which of tied values at the cut CUDA's topk keeps;
 #   4. task=efficiency on model=llama3.1-8b-random: full KV and every method at budget 256 at 32k and 96k (batch 1),
-#      and every method at 32k with batch 8 (the targets' cells; 16k, 64k and larger budgets do not fit 8 minutes);
+#      and every method at 32k with batch 8 (the targets' cells; 16k, 64k, larger budgets and method.compile=on do not fit 8 min);
 #   5. one table of everything (benchmarks/gpu_check_summary.py), also written to $OUT/summary.txt.
 # Uses the machine's own torch and triton.  Packages the image lacks come from .gpu/ when it is there (prepare it
 # with `bash benchmarks/gpu_wheels.sh` on a machine that reaches PyPI, and copy it along); else from the
@@ -59,7 +60,7 @@ else
 fi
 
 # The imports every later step needs, and transformers within pyproject.toml's range (the image's own is too old).
-timeout 30 "$PY" - <<'EOF' || exit 2
+timeout 20 "$PY" - <<'EOF' || exit 2
 import re, sys
 missing = []
 for module in ("triton", "transformers", "hydra", "omegaconf", "platformdirs", "pytest", "pandas", "filelock"):
@@ -120,15 +121,18 @@ efficiency() {
 
 # step 1's limit leaves room for a cold Triton cache: every kernel compiled once per shape/dtype
 step "CUDA tests" 140 "$OUT/cuda_tests.log" \
-    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_cuda_graphs.py \
-    tests/test_random_models.py tests/test_efficiency.py tests/test_gpu_dtypes.py
-step "kernel bench 32k / budget 256" 35 "$OUT/kernel_bench.log" \
-    "$PY" benchmarks/kernel_bench.py --context 32768 --budget 256 --json "$OUT/kernel_bench.json"
-if [[ -f benchmarks/topk_ties.py ]]; then
-    step "topk ties" 15 "$OUT/topk_ties.log" "$PY" benchmarks/topk_ties.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_dense_kernel.py \
+    tests/test_cuda_graphs.py tests/test_random_models.py tests/test_efficiency.py tests/test_gpu_dtypes.py
+step "kernel bench: dense 32k-96k, batch 1 and 8" 60 "$OUT/kernel_bench.log" \
+    "$PY" benchmarks/kernel_bench.py --json "$OUT/kernel_bench.json"
+step "topk ties" 10 "$OUT/topk_ties.log" "$PY" benchmarks/topk_ties.py
+efficiency "batch 1 at 32k and 96k" 95 "task.lengths=[$K32,$K96]"
+efficiency "batch 8 at 32k" 65 "task.lengths=[$K32]" task.batch_size=8 task.warmup=false
+if [[ $DRY_RUN == 1 ]]; then  # what the image's Triton compiles for sm_90: registers, spills, loads (CPU only)
+    AOT_LIMIT=120
+    step "kernel AOT for sm_90 (triton $("$PY" -c 'import triton; print(triton.__version__)'))" "$AOT_LIMIT" \
+        "$OUT/kernel_aot.log" "$PY" benchmarks/kernel_aot.py --json "$OUT/kernel_aot.json"
 fi
-efficiency "batch 1 at 32k and 96k" 100 "task.lengths=[$K32,$K96]"
-efficiency "batch 8 at 32k" 70 "task.lengths=[$K32]" task.batch_size=8 task.warmup=false
 
 echo
 timeout 20 "$PY" benchmarks/gpu_check_summary.py --steps "$STEPS" --kernels "$OUT/kernel_bench.json" \

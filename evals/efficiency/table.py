@@ -64,6 +64,10 @@ def efficiency_table(results: list[dict]) -> str | None:
              _mib(e["bytes_read_per_step"], 3), ratio(e["bytes_read_per_step"], ref.get("bytes_read_per_step"), 3),
              _mib(e["stored_kv_bytes"], 3), ratio(e["stored_kv_bytes"], ref.get("stored_kv_bytes"), 3),
              _mib(e.get("metadata_bytes"), 3)] for (n, m, e, ref), floor in zip(entries, floors)]
+    if any(e.get("kernels_per_step") is not None for _, _, e, _ in entries):  # a replayed CUDA graph was counted
+        header.append("kernels/step")
+        for row, (_, _, e, _) in zip(rows, entries):
+            row.append(_num(e.get("kernels_per_step"), 0))
     sources = {e.get("peak_mem_source") for _, _, e, _ in entries}
     reference = any(m["run"].get("reference") for _, m, _, _ in entries)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -83,7 +87,9 @@ def efficiency_table(results: list[dict]) -> str | None:
         *(PEAK_LABELS[s] for s in sorted(s for s in sources if s in PEAK_LABELS)),
         *(["peak mem: not measured on this device (-)"] if sources - set(PEAK_LABELS) else []),
         "read/step = accounted K/V + metadata bytes read per decode step (all layers); stored KV = K/V bytes kept "
-        "at the end of the decode; +meta = the method's page min/max keys stored on top",
+        "at the end of the decode; +meta = the method's page min/max keys stored on top"
+        + ("; kernels/step = kernel launches of one replayed step (the captured CUDA graph's kernel nodes)"
+           if "kernels/step" in header else ""),
         fmt(header),
         fmt(["-" * w for w in widths]),
         *(fmt(r) for r in rows),

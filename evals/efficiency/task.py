@@ -6,8 +6,9 @@ tokens (seeded per length, repeat and row), used as is: no template, no BOS, no 
 early (``ignore_eos``, no stop strings), so every method decodes exactly ``max_new_tokens`` tokens per row. A
 sample's ``score`` is its decode speed in tokens per second, so the leaderboard, tables and plots show speed;
 ``metrics.json`` also holds, per length, ms per decode step, the decode-phase peak memory, KV bytes read per step,
-stored KV bytes and the method's metadata bytes (page min/max keys), and under ``context`` the model's weight bytes
-and the device's copy bandwidth measured in the run (the floor of the table).
+stored KV bytes, the method's metadata bytes (page min/max keys) and, when the steps replay a CUDA graph, the
+kernels the graph launches per step; under ``context`` the model's weight bytes and the device's copy bandwidth
+measured in the run (the floor of the table).
 
 The first new token comes from the last prompt token's step, so the decode loop runs ``max_new_tokens - 1``
 forward steps. ms/step is the steady step: when the steps replay a CUDA graph, the eager warm-up and capture steps
@@ -118,6 +119,7 @@ class EfficiencyTask(Task):
             mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
             stat = lambda k: mean([r["stats"][k] for r in rows if r["stats"].get(k) is not None])  # noqa: E731
             peaks = [r.get("decode_peak_mem_bytes") for r in rows if r.get("decode_peak_mem_bytes") is not None]
+            launches = [r["decode"]["kernels_per_step"] for r in rows if "kernels_per_step" in (r.get("decode") or {})]
             lengths[str(n)] = {
                 "n": len(rows),
                 "new_tokens": mean([r["new_tokens"] for r in rows]),
@@ -129,6 +131,7 @@ class EfficiencyTask(Task):
                 "bytes_read_per_step": stat("bytes_read_per_step"),
                 "stored_kv_bytes": stat("stored_kv_bytes"),
                 "metadata_bytes": stat("metadata_bytes"),
+                "kernels_per_step": max(launches) if launches else None,
             }
         subtasks = {f"len={n}": {"score": v["decode_tokens_per_s"], "n": v["n"]} for n, v in lengths.items()}
         speeds = [v["decode_tokens_per_s"] for v in lengths.values() if v["decode_tokens_per_s"] is not None]

@@ -24,6 +24,7 @@ ATTN_NAME = "rocketkv"
 CACHE_KWARG = "rocketkv_cache"
 
 
+@torch.compiler.disable  # a compiled decode step (method.compile) runs it eagerly: it keeps host bookkeeping
 def rocketkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if CACHE_KWARG not in kwargs:
         raise RuntimeError(f"{type(module).__name__} does not pass the forward's keyword arguments on to its "

@@ -30,7 +30,7 @@ import math
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 MIN_SPARE = 16
 
@@ -233,3 +233,13 @@ class CompressedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("num_return_sequences > 1 is not supported with a compressed KV cache")
+
+
+class CompressedCache(DynamicCache):
+    """The cache a session hands the model: a ``DynamicCache`` of ``CompressedLayer``s whose ``update`` a compiled
+    decode step (``method.compile``) runs eagerly, as one call: it keeps host counts, and traced it would be compiled
+    once per layer index."""
+
+    @torch.compiler.disable
+    def update(self, *args, **kwargs):
+        return super().update(*args, **kwargs)

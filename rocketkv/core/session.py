@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rocketkv.core.attention import ATTN_NAME, CACHE_KWARG, compress_layer
-from rocketkv.core.cache import CompressedLayer
+from rocketkv.core.cache import CompressedCache, CompressedLayer
 from rocketkv.core.methods import Method, make_method
 from rocketkv.core.state import GenerationState
 
@@ -81,7 +81,7 @@ class CompressionSession:
         method's plan for that length.  ``capture_window`` keeps the last queries of the prefill, so that
         ``fork`` can compress it later.
         """
-        cache = self._install(DynamicCache(), max_new_tokens)
+        cache = self._install(CompressedCache(), max_new_tokens)
         if prompt_len is not None:
             self.state.prompt_len = prompt_len
             self.state.split_prefill = False
@@ -96,7 +96,7 @@ class CompressionSession:
         prefill forward; it is only read.  ``plan`` defaults to the method's plan for its prompt length.
         """
         source: GenerationState = shared.layers[0].state
-        cache = self._install(DynamicCache(), max_new_tokens)
+        cache = self._install(CompressedCache(), max_new_tokens)
         state = self.state
         state.prompt_len, state.split_prefill = source.prompt_len, False
         state.group_size, state.element_size = source.group_size, source.element_size

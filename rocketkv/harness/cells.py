@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 METHOD_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
-UNHASHED_METHOD_OPTIONS = ("cuda_graphs",)  # how the decode steps are launched, not what they compute
+UNHASHED_METHOD_OPTIONS = ("cuda_graphs", "compile")  # how the decode steps are launched, not what they compute
 
 
 def predictions_name(shard: tuple[int, int] | None) -> str:

@@ -29,6 +29,7 @@ class Decoding:
     steps: int  # forward steps in it (the first new token comes from the prefill's logits)
     setup_seconds: float = 0.0  # of which: the eager warm-up and capture steps of a CUDA graph
     setup_steps: int = 0
+    kernels_per_step: int | None = None  # kernels a replayed CUDA graph launches per step (None: not captured)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -99,7 +100,7 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, s
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
     if stop:
         texts = [cut_at_stop(text, stop)[0] for text in texts]
-    return Decoding(tokens, texts, t.seconds, step.steps, step.setup_seconds, step.setup_steps)
+    return Decoding(tokens, texts, t.seconds, step.steps, step.setup_seconds, step.setup_steps, step.kernels_per_step)
 
 
 def _decode_checked(step: DecodeStep, first: torch.Tensor, tokenizer, max_new_tokens: int, stop: list[str],

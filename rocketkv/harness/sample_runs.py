@@ -52,6 +52,8 @@ def sample_record(sample: Sample, rows: list[list[int]], out: Decoded, plan: dic
     if len(rows) > 1 or d.setup_steps:  # a batch, or a decode replayed as a CUDA graph
         record["decode"] = {"batch": len(rows), "steps": d.steps, "setup_steps": d.setup_steps,
                             "setup_s": d.setup_seconds}
+        if d.kernels_per_step is not None:
+            record["decode"]["kernels_per_step"] = d.kernels_per_step
     record["score"] = task.score_record(sample, record)
     return record
 

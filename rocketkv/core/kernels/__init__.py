@@ -20,6 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     patch_scalar_index()  # the interpreter with numpy >= 2.4 (see interpreter.py)
 
 __all__ = [
+    "dense_decode_attention",
     "quest_page_scores",
     "rocketkv_page_scores",
     "sparse_decode_attention",
@@ -36,6 +37,15 @@ def _triton_module() -> ModuleType | None:
     except ImportError:
         return None
     return triton_decode
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_dense_module() -> ModuleType | None:
+    try:
+        from rocketkv.core.kernels import triton_dense
+    except ImportError:
+        return None
+    return triton_dense
 
 
 def sparse_attention_supported(head_dim: int) -> bool:
@@ -106,3 +116,21 @@ def sparse_decode_attention(
     if use_triton(backend, q, sparse_attention_supported(q.shape[-1])):
         return _triton_module().sparse_decode_attention(q, keys, values, indices, scale)
     return reference.sparse_decode_attention(q, keys, values, indices, scale)
+
+
+def dense_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    upto: torch.Tensor,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over the contiguous slots ``[0, upto)`` of keys / values [B, Hkv, C, d]: [B, Hkv, g, d], q's dtype.
+
+    ``upto`` is a 0-dim integer tensor on q's device (read on the device only, so the call can be replayed in a
+    CUDA graph).  The triton backend needs a power-of-2 head dim >= 16; "auto" falls back to torch otherwise.
+    """
+    if use_triton(backend, q, sparse_attention_supported(q.shape[-1])):
+        return _triton_dense_module().dense_decode_attention(q, keys, values, upto, scale)
+    return reference.dense_decode_attention(q, keys, values, upto, scale)

@@ -87,3 +87,13 @@ def sparse_decode_attention(
     scores = torch.matmul(q.float(), selected_keys.transpose(-1, -2)) * scale
     out = _softmax_weighted_sum(scores, selected_values, valid.unsqueeze(2))
     return out.to(q.dtype)
+
+
+def dense_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, upto: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention over the slots ``[0, upto)`` (``upto`` a 0-dim tensor, never read on the host) -> [B, Hkv, g, d].
+
+    The g query heads of a group stand in SDPA's query-length axis: one K/V read serves them all."""
+    valid = (torch.arange(keys.shape[2], device=keys.device) < upto)[None]
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=valid, scale=scale)

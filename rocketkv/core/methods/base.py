@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from rocketkv.core.cache import CompressedLayer
-from rocketkv.core.graphs import GRAPH_MODES
+from rocketkv.core.graphs import COMPILE_MODES, GRAPH_MODES
 from rocketkv.core.methods.ops import StepCost, dense_decode
 
 __all__ = ["METHODS", "MIN_BUDGET", "Method", "StepCost", "option_names", "register"]
@@ -85,6 +85,7 @@ class Method:
     skip_layers: int = 0
     kernels: str = "auto"
     cuda_graphs: str = "auto"  # the harness's decode steps: replayed as a CUDA graph on CUDA (auto), always, never
+    compile: str = "auto"  # the decode steps' decoder layers through torch.compile: on, off, auto (graphs.use_compile)
     extra: dict[str, Any] = field(default_factory=dict)
 
     name = ""
@@ -111,6 +112,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch or triton")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"method {self.name!r}: cuda_graphs={self.cuda_graphs!r} is not valid; use auto, on or off")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"method {self.name!r}: compile={self.compile!r} is not valid; use auto, on or off")
 
     def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
              group_size: int = 1) -> dict:

@@ -66,13 +66,14 @@ def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, sc
                  backend: str = "auto") -> tuple[torch.Tensor, StepCost]:
     """Exact attention of ``q`` over every slot it may see."""
     b, hkv, g, d = q.shape
-    vis = visible_mask(layer, upto)
     if layer.visible is None and kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
-        # flash-decoding over the valid slots: split over the cache, one K/V read for the group's heads
-        slots = torch.where(vis, layer.slot_index, -1).expand(b, hkv, -1)
-        out = kernels.sparse_decode_attention(q, layer.keys, layer.values, slots, scaling, backend=backend)
-    else:  # the g query heads of a group stand in the query-length axis: one K/V read serves them all
-        out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=vis, scale=scaling)
+        # flash-decoding over the contiguous slots [0, upto): no index, one K/V read for the group's heads
+        out = kernels.dense_decode_attention(q, layer.keys, layer.values, upto, scaling, backend=backend)
+        seen = upto.double()
+        return out, StepCost(seen, seen * (2 * d * hkv))
+    vis = visible_mask(layer, upto)
+    # the g query heads of a group stand in the query-length axis: one K/V read serves them all
+    out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=vis, scale=scaling)
     attended = upto.double() if layer.visible is None else mean_count(vis.sum(-1))
     return out, StepCost(attended, upto.double() * (2 * d * hkv))
 
