@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_TIMEOUT
 from rocketkv.harness import cli
 
 BASE = ["model=tiny-random", "update_leaderboard=false", "progress=false"]
@@ -117,13 +117,13 @@ def test_a_budget_below_the_window_names_the_budget_that_works(monkeypatch, caps
 def test_debug_shows_the_traceback():
     env = {"ROCKETKV_DEBUG": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "run_eval.py", "limit=-1", "model=tiny-random", "--cfg", "job"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0  # --cfg job only prints the config: limit is checked when a run starts
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env=env)
+                         timeout=SUBPROCESS_TIMEOUT, env=env)
     assert out.returncode != 0 and "Traceback" in out.stderr and "method/nope" in out.stderr
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 2 and out.stderr.strip() == \
         "error: unknown method 'nope'; valid: full, hsa, quest, rocketkv, rocketkv_mt, snapkv, sparq, topk"
 
@@ -244,8 +244,8 @@ def test_rocketkv_report_errors_are_one_line(capsys, read_only_tree, tmp_path):
     from rocketkv.harness.report.cli import main as report
 
     assert report(["--status", str(tmp_path / "no-grid.yaml")]) == 2
-    assert capsys.readouterr().err.strip() == \
-        f"error: --status {tmp_path / 'no-grid.yaml'}: no such file; give a grid spec YAML (tasks, models, methods, budgets)"
+    assert capsys.readouterr().err.strip() == (f"error: --status {tmp_path / 'no-grid.yaml'}: no such file; give a "
+                                               "grid spec YAML (tasks, models, methods, budgets)")
     root, user = read_only_tree
     with user():
         assert report(["--root", str(root), "--no-plots"]) == 2

@@ -67,8 +67,8 @@ def describe(err: BaseException, argv: list[str]) -> str:
         group, _, name = err.missing_cfg_file.rpartition("/")
         return f"unknown {group} {name!r}; valid: {', '.join(err.options)}"
     if isinstance(err, PATH_ERRORS) and err.filename:
-        return (f"{(err.strerror or type(err).__name__).lower()}: {err.filename}; give paths you can use (results go to "
-                f"output_dir=<a folder you can write>)")
+        why = (err.strerror or type(err).__name__).lower()
+        return f"{why}: {err.filename}; give paths you can use (results go to output_dir=<a folder you can write>)"
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if isinstance(err, HydraException) and key and "not in struct" in str(cause):

@@ -30,8 +30,9 @@ def check_output_dir(root: str | Path) -> None:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
             pass
     except OSError as err:
-        raise ValueError(f"output_dir={str(root)!r} is not writable ({(err.strerror or str(err)).lower()}: {err.filename}); "
-                         "give output_dir=<a folder you can write>") from None
+        why = (err.strerror or str(err)).lower()
+        raise ValueError(f"output_dir={str(root)!r} is not writable ({why}: {err.filename}); give "
+                         "output_dir=<a folder you can write>") from None
 
 
 class PredictionLog:
