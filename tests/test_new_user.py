@@ -105,6 +105,8 @@ def test_a_run_writes_nothing_outside_output_dir(monkeypatch, tmp_path, capsys):
     assert "score" in capsys.readouterr().out
     assert list(cwd.iterdir()) == [], "Hydra's run folder (or its log) was written to the working directory"
     assert (out / "runs").is_dir() and not (out / "hydra").exists()
+    (env,) = out.glob("runs/*/*/*/*/*/env.json")
+    assert json.loads(env.read_text())["cpu_threads"] >= 1  # what threads=auto chose, kept with the results
 
 
 def test_a_multirun_keeps_its_sweep_folder_under_output_dir(tmp_path):

@@ -28,7 +28,7 @@ class SampleProgress:
 
     def close(self) -> None:
         if self.shown != self.start:  # a report is on the bar: the next sample starts clean
-            self.bar.set_postfix_str("", refresh=False)
+            self.bar.set_postfix_str("", refresh=True)
 
 
 _current: SampleProgress | None = None

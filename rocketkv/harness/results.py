@@ -109,5 +109,8 @@ def environment(device: str) -> dict:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    import torch
+
     return {"code_version": code_version(), "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": device, "packages": packages}
+            "device": device, "packages": packages, "cpu_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
