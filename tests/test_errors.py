@@ -135,7 +135,19 @@ NEW_USER_INPUTS = [
      ["model=llama3.1-8b-random needs 14901.2 GiB", "float32 alone", "GiB available"]),
     (["threads=abc"], ["threads='abc'", "positive integer", "auto", "null"]),
     (["task=longbench", "task.max_new_tokens=0"], ["task.max_new_tokens=0", "integer >= 1"]),
+    (["task=longbench", "task.subsets=[trec]"], ["LongBench data is not available", "task.data_dir=",
+                                                   "docs/tasks.md, LongBench: 'Data on an offline cluster'"]),
 ]
+
+
+def test_the_longbench_hub_error_points_at_a_section_that_exists():
+    from evals.longbench.data import OFFLINE_DATA_DOC
+
+    doc, _, section = OFFLINE_DATA_DOC.partition(", ")
+    text = (REPO / doc).read_text()
+    heading, _, name = section.partition(": ")
+    assert f"## {heading} (`task=longbench`)" in text
+    assert f"**{name.strip(chr(39))}**" in text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
 
 
 @pytest.mark.parametrize("overrides,fragments", NEW_USER_INPUTS, ids=[" ".join(o) for o, _ in NEW_USER_INPUTS])
