@@ -87,6 +87,9 @@ class Task(ABC):
     # How the model builds prompts (``evals.prompting.PromptFormat``), set by the runner before ``samples``; a task
     # that sizes its prompts in tokens (RULER) counts them this way.  None: the default rules.
     prompt_format: Any = None
+    # The run's ``limit`` (samples per ``limit_scope``), set by the runner before ``samples``: a task that generates
+    # its samples (RULER) need only make the first ``limit``.  None: all of them.
+    limit: int | None = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

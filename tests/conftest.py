@@ -10,6 +10,23 @@ from rocketkv.harness.models import build_tiny_random
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# How long a test waits for a subprocess (a run, a sweep): a loaded machine must make the suite slower, never red,
+# so this is no tighter than pytest-timeout's per-test limit when one is set (--timeout or the ini), else 30 minutes,
+# which only a hung process reaches.  Set in pytest_configure, before the test modules import it.
+SUBPROCESS_TIMEOUT = 1800.0
+
+
+def pytest_configure(config):
+    global SUBPROCESS_TIMEOUT
+    per_test = None
+    try:
+        per_test = config.getoption("timeout", None) or config.getini("timeout")
+    except ValueError:  # pytest-timeout is not installed
+        pass
+    if per_test and float(per_test) > 0:
+        SUBPROCESS_TIMEOUT = float(per_test)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

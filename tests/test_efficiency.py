@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_TIMEOUT
 from evals.efficiency.task import EfficiencyTask, efficiency_table
 from rocketkv.harness.generation import decode
 from rocketkv.harness.models import tiny_tokenizer
@@ -201,7 +201,8 @@ def test_gpu_check_script_parses_and_fails_fast_without_cuda(tmp_path):
         pytest.skip("a GPU is present: the script would run for minutes")
     env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_ALLOW_CPU"}
     env.update(GPU_CHECK_OUT=str(tmp_path / "out"), PYTHON=sys.executable)
-    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
     assert not (tmp_path / "out").exists()
 

@@ -1,11 +1,13 @@
 """Bad input on the command line ends with one line ``error: <message>`` and exit code 2, before any model is
 loaded; the message names the bad value and what would be valid.  ``ROCKETKV_DEBUG=1`` shows the traceback."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_TIMEOUT
 from rocketkv.harness import cli
 
 BASE = ["model=tiny-random", "update_leaderboard=false", "progress=false"]
@@ -115,12 +117,149 @@ def test_a_budget_below_the_window_names_the_budget_that_works(monkeypatch, caps
 def test_debug_shows_the_traceback():
     env = {"ROCKETKV_DEBUG": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "run_eval.py", "limit=-1", "model=tiny-random", "--cfg", "job"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0  # --cfg job only prints the config: limit is checked when a run starts
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env=env)
+                         timeout=SUBPROCESS_TIMEOUT, env=env)
     assert out.returncode != 0 and "Traceback" in out.stderr and "method/nope" in out.stderr
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 2 and out.stderr.strip() == \
         "error: unknown method 'nope'; valid: full, hsa, quest, rocketkv, rocketkv_mt, snapkv, sparq, topk"
+
+
+# ---------------------------------------------------------------- what a new user hit (issue 31)
+# Each case fails before any model is loaded (the run_cli fixture fails the test otherwise).
+NEW_USER_INPUTS = [
+    (["task=efficiency", "model=llama3.1-8b-random", "model.device=cpu", "model.parameters=4000000000000"],
+     ["model=llama3.1-8b-random needs 14901.2 GiB", "float32 alone", "GiB available"]),
+    (["threads=abc"], ["threads='abc'", "positive integer", "auto", "null"]),
+    (["task=longbench", "task.max_new_tokens=0"], ["task.max_new_tokens=0", "integer >= 1"]),
+    (["task=longbench", "task.subsets=[trec]"], ["LongBench data is not available", "task.data_dir=",
+                                                   "docs/tasks.md, LongBench: 'Data on an offline cluster'"]),
+]
+
+
+def test_the_longbench_hub_error_points_at_a_section_that_exists():
+    from evals.longbench.data import OFFLINE_DATA_DOC
+
+    doc, _, section = OFFLINE_DATA_DOC.partition(", ")
+    text = (REPO / doc).read_text()
+    heading, _, name = section.partition(": ")
+    assert f"## {heading} (`task=longbench`)" in text
+    assert f"**{name.strip(chr(39))}**" in text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("overrides,fragments", NEW_USER_INPUTS, ids=[" ".join(o) for o, _ in NEW_USER_INPUTS])
+def test_new_user_input_is_one_error_line(run_cli, overrides, fragments):
+    code, err = run_cli(*overrides)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def one_error_line(code, err) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_a_hub_model_without_the_hub_says_how_to_use_a_local_copy(monkeypatch, capsys, tmp_path):
+    """No stub: the real loader meets the unreachable hub (HF_HUB_OFFLINE, as on this machine)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "")
+    monkeypatch.setattr(sys, "argv", ["run_eval.py", *BASE[1:], "model=llama3.1-8b-instruct", f"output_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    line = one_error_line(done.value.code, capsys.readouterr().err)
+    assert "model=llama3.1-8b-instruct" in line and "'meta-llama/Llama-3.1-8B-Instruct'" in line
+    assert "hub is unreachable" in line and "model.path=<folder>" in line
+
+
+def cell_folder(compose_cfg, *overrides) -> Path:
+    """The results folder ``python run_eval.py <overrides>`` writes its (single) cell to."""
+    from rocketkv.harness.cells import grid_configs, make_cell
+
+    cfg = compose_cfg(*BASE, *overrides)
+    return make_cell(grid_configs(cfg)[0], cfg.model.name, None).out_dir
+
+
+def test_a_prediction_row_without_an_id_names_the_file_and_line(run_cli, compose_cfg, tmp_path):
+    folder = cell_folder(compose_cfg, f"output_dir={tmp_path}")
+    folder.mkdir(parents=True)
+    (folder / "predictions.jsonl").write_text('{"id": "a", "score": 1}\n{"prediction": "no id here"}\n')
+    line = one_error_line(*run_cli())
+    assert f"{folder / 'predictions.jsonl'}: line 2 is not a prediction row" in line and "'id'" in line
+
+
+def test_a_busy_cell_stops_before_the_model_loads(run_cli, compose_cfg, tmp_path):
+    from filelock import FileLock
+
+    folder = cell_folder(compose_cfg, f"output_dir={tmp_path}")
+    folder.mkdir(parents=True)
+    with FileLock(folder / ".predictions.lock"):  # another job is running the cell
+        line = one_error_line(*run_cli())
+    assert "another job is already running needle/tiny-random/rocketkv@256" in line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/sys is Linux's")
+def test_an_unwritable_output_dir_is_named_before_the_model_loads(run_cli):
+    line = one_error_line(*run_cli("output_dir=/sys/rocketkv-results"))  # not writable, not even for root
+    assert "output_dir='/sys/rocketkv-results' is not writable" in line
+
+
+def test_a_read_only_results_folder_is_one_line(run_cli, read_only_tree):
+    """A results folder with an earlier, unfinished run, made read-only (and the test run unprivileged)."""
+    root, user = read_only_tree
+    with user():
+        line = one_error_line(*run_cli(f"output_dir={root}", "hydra.run.dir=."))  # the default: nothing written
+    assert f"output_dir='{root}' is not writable (permission denied" in line
+
+
+@pytest.fixture
+def read_only_tree(tmp_path_factory):
+    """(a read-only results root holding one run folder, a context manager that drops root's privileges)."""
+    import contextlib
+    import os
+    import stat
+    import tempfile
+
+    # under the system temp folder, which any user may enter (pytest's own tmp folders are owner-only)
+    root = Path(tempfile.mkdtemp(prefix="rocketkv-ro-")) / "results"
+    folder = root / "runs" / "needle" / "tiny-random" / "full" / "none" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "predictions.jsonl").write_text(json.dumps({"id": "a", "subtask": "", "score": 50.0}) + "\n")
+    for path in [root.parent, *sorted(root.rglob("*")), root]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+    @contextlib.contextmanager
+    def unprivileged():
+        if os.geteuid() != 0:
+            yield
+            return
+        os.seteuid(65534)  # nobody: root would write anyway; the saved uid lets us come back
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+
+    yield root, unprivileged
+    for path in [root.parent, *root.rglob("*")]:
+        path.chmod(stat.S_IRWXU)
+    import shutil
+    shutil.rmtree(root.parent)
+
+
+def test_rocketkv_report_errors_are_one_line(capsys, read_only_tree, tmp_path):
+    from rocketkv.harness.report.cli import main as report
+
+    assert report(["--status", str(tmp_path / "no-grid.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --status {tmp_path / 'no-grid.yaml'}: no such file; give a "
+                                               "grid spec YAML (tasks, models, methods, budgets)")
+    root, user = read_only_tree
+    with user():
+        assert report(["--root", str(root), "--no-plots"]) == 2
+    line = one_error_line(2, capsys.readouterr().err)
+    assert "permission denied" in line and str(root) in line and f"--root {root}" in line

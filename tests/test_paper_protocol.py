@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_TIMEOUT
 from evals.base import stable_hash
 from rocketkv.harness.cells import config_hash, grid_configs, make_cell
 from rocketkv.harness.models import ModelSpec, resolve_dtype
@@ -75,7 +75,8 @@ def test_without_the_preset_nothing_changes(compose_cfg):
 
 def test_cfg_job_prints_the_official_values_for_mistral_on_longbench():
     out = subprocess.run([sys.executable, "run_eval.py", "+experiment=paper_protocol", f"model={MISTRAL}",
-                          "task=longbench", "--cfg", "job"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "task=longbench", "--cfg", "job"], cwd=REPO, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert {k: cfg["model"][k] for k in ("cuda_dtype", "prompt_format", "add_bos", "max_prompt_len",

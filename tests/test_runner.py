@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_TIMEOUT
 from evals.prompting import truncate_middle
 from rocketkv.harness.runner import run
 
@@ -43,7 +43,7 @@ def test_resume_after_kill_gives_clean_run(compose_cfg, tmp_path):
     killed_root = tmp_path / "killed"
     cmd = [sys.executable, "run_eval.py", *TINY, f"output_dir={killed_root}", "method=rocketkv", "budget=64"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + SUBPROCESS_TIMEOUT
     pred_files = []
     while time.time() < deadline:
         pred_files = list(killed_root.glob("runs/**/predictions.jsonl"))
@@ -69,7 +69,8 @@ def test_resume_after_kill_gives_clean_run(compose_cfg, tmp_path):
 
 def test_cli_runs_and_cfg_job_composes(tmp_path):
     out = subprocess.run([sys.executable, "run_eval.py", "method=rocketkv", "budget=256", "task=longbench",
-                          "--cfg", "job"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--cfg", "job"], cwd=REPO, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0, out.stderr
     assert "name: rocketkv" in out.stdout and "name: longbench" in out.stdout and "budget: 256" in out.stdout
 

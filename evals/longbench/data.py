@@ -147,6 +147,9 @@ def load_jsonl_rows(path: Path, needs_classes: bool = False, cache_dir: str | No
     return rows
 
 
+OFFLINE_DATA_DOC = "docs/tasks.md, LongBench: 'Data on an offline cluster'"  # where the error sends the user
+
+
 def load_hub_rows(source: DataSource, subset: str, variant: str, needs_classes: bool = False) -> list[dict]:
     import datasets
 
@@ -159,7 +162,7 @@ def load_hub_rows(source: DataSource, subset: str, variant: str, needs_classes: 
             f"LongBench data is not available: loading {source.hub_repo!r} config {config!r} (revision "
             f"{source.hub_revision or 'latest'}) from the Hugging Face hub failed ({type(err).__name__}: {err}). "
             f"Either make the hub reachable (task.hub_repo / task.hub_revision choose the parquet mirror), or set "
-            f"task.data_dir=<folder with the official {config}.jsonl files> (see README, LongBench offline data)"
+            f"task.data_dir=<folder with the official {config}.jsonl files> ({OFFLINE_DATA_DOC})"
         ) from err
     where = f"{source.hub_repo}@{source.hub_revision or 'latest'}/{config}"
     rows = [check_row(row, where, number, needs_classes) for number, row in enumerate(table.to_list(), start=1)]

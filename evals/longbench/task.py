@@ -6,7 +6,7 @@ import math
 import os
 from typing import Any
 
-from evals.base import Sample, Task
+from evals.base import Sample, Task, int_option
 from evals.longbench.data import DataSource, check_data_dir, file_sha256, load_hub_rows, load_jsonl_rows
 from evals.longbench.metrics import JIEBA_MISSING, METRICS_NEEDING_JIEBA, SUBSET_METRICS, classification_score
 from evals.longbench.prompts import (CATEGORIES, DEFAULT_SUBSETS, ENGLISH_SUBSETS, FIRST_LINE_SUBSETS,
@@ -35,6 +35,8 @@ class LongBenchTask(Task):
             hub_split=cfg.get("hub_split", None) or "test",
             cache_dir=cfg.get("cache_dir", None) or None,
         )
+        cap = cfg.get("max_new_tokens", None)
+        self.max_new_tokens = None if cap is None else int_option("max_new_tokens", cap, 1)
         self._rows: dict[str, list[dict]] | None = None
         self._file_hashes: dict[str, str] | None = None
 
@@ -56,6 +58,11 @@ class LongBenchTask(Task):
             raise ValueError(f"unknown LongBench subset(s) {unknown} for task.variant={self.variant}; valid: "
                              f"{list(valid)}")
         return list(dict.fromkeys(names))
+
+    def new_tokens(self, subset: str) -> int:
+        """The subset's official generation length, capped by ``task.max_new_tokens`` (a quick run) when set."""
+        official = MAX_NEW_TOKENS[subset]
+        return official if self.max_new_tokens is None else min(official, self.max_new_tokens)
 
     def _check_jieba(self, subsets: list[str]) -> None:
         needing = [s for s in subsets if SUBSET_METRICS[s] in METRICS_NEEDING_JIEBA]
@@ -83,7 +90,7 @@ class LongBenchTask(Task):
     def validate(self, model_max_len: int) -> None:
         subsets = self.subsets()
         self._check_jieba(subsets)
-        too_long = {s: MAX_NEW_TOKENS[s] for s in subsets if MAX_NEW_TOKENS[s] >= model_max_len}
+        too_long = {s: self.new_tokens(s) for s in subsets if self.new_tokens(s) >= model_max_len}
         if too_long:
             raise ValueError(f"model max length {model_max_len} leaves no room for the prompt of subsets generating "
                              f"{too_long} new tokens")
@@ -98,7 +105,7 @@ class LongBenchTask(Task):
                     id=f"{subset}/{row['_id']}",
                     prompt=build_prompt(subset, row["context"], row["input"]),
                     references=list(row["answers"]),
-                    max_new_tokens=MAX_NEW_TOKENS[subset],
+                    max_new_tokens=self.new_tokens(subset),
                     chat_template=subset not in NO_CHAT_TEMPLATE,
                     stop=list(STOP_STRINGS.get(subset, [])),
                     subtask=subset,
@@ -175,7 +182,7 @@ class LongBenchTask(Task):
             "variant": self.variant,
             "subsets": subsets,
             "templates": {s: PROMPT_TEMPLATES[s] for s in subsets},
-            "max_new_tokens": {s: MAX_NEW_TOKENS[s] for s in subsets},
+            "max_new_tokens": {s: self.new_tokens(s) for s in subsets},
             "chat_template": {s: s not in NO_CHAT_TEMPLATE for s in subsets},
             "stop": {s: STOP_STRINGS.get(s, []) for s in subsets},
             "first_line_only": [s for s in subsets if s in FIRST_LINE_SUBSETS],

@@ -145,19 +145,29 @@ class RulerTask(Task):
         """Tokens generated for ``task``: ``task.max_new_tokens`` when set, else RULER's value for its family."""
         return self.max_new_tokens if self.max_new_tokens is not None else family_of(task).max_new_tokens
 
+    def sample_count(self) -> int:
+        """Samples per task and length this run takes: the first ``limit`` of ``num_samples``."""
+        return self.num_samples if self.limit is None else min(self.limit, self.num_samples)
+
     def task_samples(self, task: str, length: int, tokenizer: Any, fingerprint: str) -> list[Sample]:
+        """The first ``sample_count()`` samples (each sample's prompt depends only on those before it, so a
+        shorter set is the start of the full one): from the full set's cache, from a cache of as many, or
+        generated."""
         key = self.cache_key(task, length, fingerprint)
+        count = self.sample_count()
+        keys = [key] if count == self.num_samples else [key, {**key, "num_samples": count}]
         if self.cache is not None:
-            cached = self.cache.load(key)
-            if cached is not None:
-                return cached
-        log.info("RULER: generating %d samples of %s at %d tokens", self.num_samples, task, length)
-        samples = self.generate(task, length, tokenizer)
+            for k in keys:
+                cached = self.cache.load(k)
+                if cached is not None:
+                    return cached[:count]
+        log.info("RULER: generating %d samples of %s at %d tokens", count, task, length)
+        samples = self.generate(task, length, tokenizer, count)
         if self.cache is not None:
-            self.cache.store(key, samples)
+            self.cache.store(keys[-1], samples)
         return samples
 
-    def generate(self, task: str, length: int, tokenizer: Any) -> list[Sample]:
+    def generate(self, task: str, length: int, tokenizer: Any, count: int | None = None) -> list[Sample]:
         spec = TASKS[task]
         if spec.family == "qa":
             questions = self.question_sets()[spec.params["dataset"]]
@@ -167,7 +177,7 @@ class RulerTask(Task):
             generator = QaGenerator(questions, length)
         else:
             generator = SYNTHETIC_GENERATORS[spec.family](spec.params, length)
-        return generate_samples(task, generator, length, self.num_samples, self.seed, tokenizer,
+        return generate_samples(task, generator, length, count or self.num_samples, self.seed, tokenizer,
                                 self.new_tokens(task), self.prompt_format)
 
     # ------------------------------------------------------------------ scoring

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from evals.base import Sample, stable_hash
 from rocketkv.core import AttentionShape, Method, make_method
 from rocketkv.core.methods import METHODS
+from rocketkv.harness.errors import CellBusy
 from rocketkv.harness.results import PredictionLog, run_dir
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ LATER_OPTIONS = {
 }
 
 
+# Where a task caches generated data does not change predictions: any cache folder is hashed as the one every
+# earlier result had (RULER's former default), so a cache that follows output_dir keeps results in their folders.
+CACHE_FOLDER_HASHED_AS = {"cache_dir": "results/cache/ruler"}
+
+
 def run_protocol(task_protocol: dict, spec) -> dict:
     """What defines a run's prompts and scoring (its ``protocol_hash``; the leaderboard compares a method with the
     full-KV run of the same protocol): the task's protocol, plus the model's prompt and dtype rules when they are
@@ -52,6 +58,9 @@ def run_protocol(task_protocol: dict, spec) -> dict:
 
 def _hashed(node: DictConfig, group: str) -> dict:
     out = OmegaConf.to_container(node, resolve=True)
+    for key, fixed in CACHE_FOLDER_HASHED_AS.items():
+        if group == "task" and out.get(key) is not None:
+            out[key] = fixed
     for key, neutral in LATER_OPTIONS[group].items():
         if key in out and out[key] == neutral and not isinstance(out[key], bool):
             out.pop(key)
@@ -203,17 +212,65 @@ def finished_metrics(cell: Cell, limit, shard) -> dict | None:
     return None
 
 
-class CellBusy(RuntimeError):
-    """Another job holds the cell's lock."""
+class CellLock:
+    """This job's hold on a cell's predictions file: a second job on the same cell fails at once.  Taken before the
+    model loads; the predictions are read again, and a torn last line cut away, only under it.  ``release`` (also on
+    leaving a ``with``) gives it back and removes the cell's folders again when this job created them and wrote
+    nothing there (a run that failed before its first sample, or a cell ``grid.skip_invalid`` dropped)."""
+
+    def __init__(self, cell: Cell):
+        self.cell = cell
+        self.created = not cell.out_dir.exists()
+        cell.out_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(cell.preds.path.with_name(f".{cell.preds.path.stem}.lock"), timeout=0)
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise CellBusy(f"another job is already running {cell.label} (lock {self.lock.lock_file}); let it "
+                           "finish, or rerun afterwards to resume") from None
+        try:
+            cell.preds = PredictionLog(cell.preds.path, repair=True)  # what an earlier job finished before us
+        except BaseException:
+            self.release()
+            raise
+
+    def __enter__(self) -> "CellLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if not self.lock.is_locked:
+            return
+        self.lock.release()
+        lock_file = Path(self.lock.lock_file)
+        if self.created and [p.name for p in self.cell.out_dir.iterdir()] == [lock_file.name]:
+            lock_file.unlink(missing_ok=True)
+            folder = self.cell.out_dir
+            for _ in range(5):  # <config_hash>, <budget>, <method>, <model>, <task>: never above runs/
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
 
 
-def lock_cell(cell: Cell) -> FileLock:
-    """Hold the cell's predictions file for this job; a second job on the same cell fails at once."""
-    lock = FileLock(cell.preds.path.with_name(f".{cell.preds.path.stem}.lock"), timeout=0)
+def lock_cell(cell: Cell) -> CellLock:
+    return CellLock(cell)
+
+
+def write_cell_config(cell: Cell) -> None:
+    (cell.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cell.cfg, resolve=True))
+
+
+def restore_cell_config(cell: Cell) -> None:
+    """Write a finished cell's ``config.yaml`` again when it was deleted (the cell's other files stay as they are)."""
+    path = cell.out_dir / "config.yaml"
+    if path.exists():
+        return
     try:
-        lock.acquire()
-    except Timeout:
-        raise CellBusy(f"another job is already running {cell.label} (lock {lock.lock_file}); let it finish, "
-                           f"or rerun afterwards to resume") from None
-    cell.preds = PredictionLog(cell.preds.path)  # what an earlier job finished before we got the lock
-    return lock
+        write_cell_config(cell)
+        log.warning("%s was missing; written again", path)
+    except OSError as err:
+        log.warning("%s is missing and cannot be written (%s)", path, err)

@@ -16,18 +16,22 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from rocketkv.harness.cells import CellBusy
+from rocketkv.harness.errors import CellBusy
+from rocketkv.harness.options import RunOptions
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-INPUT_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, HydraException, OmegaConfBaseException, CellBusy)
+PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError)  # a path the user gave cannot be used
+INPUT_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, HydraException, OmegaConfBaseException, CellBusy,
+                *PATH_ERRORS)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _run(cfg: DictConfig) -> None:
-    from rocketkv.harness.runner import run
-
     # reported inside the job too, where Hydra would first print its own "Error executing job" line
     with _reported(_debug if _debug is not None else _debug_requested()):
+        RunOptions.from_cfg(cfg)  # the run's own options, checked before torch and transformers are imported
+        from rocketkv.harness.runner import run
+
         run(cfg)
 
 
@@ -62,6 +66,9 @@ def describe(err: BaseException, argv: list[str]) -> str:
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
         return f"unknown {group} {name!r}; valid: {', '.join(err.options)}"
+    if isinstance(err, PATH_ERRORS) and err.filename:
+        why = (err.strerror or type(err).__name__).lower()
+        return f"{why}: {err.filename}; give paths you can use (results go to output_dir=<a folder you can write>)"
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if isinstance(err, HydraException) and key and "not in struct" in str(cause):

@@ -9,6 +9,7 @@ import torch
 
 from rocketkv.core.graphs import DecodeStep
 from rocketkv.core.session import cache_kwarg
+from rocketkv.harness import progress
 
 
 @dataclass
@@ -74,6 +75,7 @@ def prefill(model, rows: list[list[int]], cache, split_last: bool) -> tuple[torc
             logits = forward(model, [r[-1:] for r in rows], cache)
         else:
             logits = forward(model, rows, cache)
+    progress.prefilled(len(rows[0]))
     return logits, t.seconds
 
 
@@ -94,6 +96,7 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, s
             out[:, 0] = logits.argmax(-1)
             for i in range(1, max_new_tokens):
                 out[:, i] = step(out[:, i - 1])
+                progress.decoded(i + 1, max_new_tokens)
             tokens = out.tolist()
         else:
             tokens = _decode_checked(step, logits.argmax(-1), tokenizer, max_new_tokens, stop, eos)
@@ -121,6 +124,7 @@ def _decode_checked(step: DecodeStep, first: torch.Tensor, tokenizer, max_new_to
             done[row] = hit or len(rows[row]) >= max_new_tokens
         if all(done):
             return rows
+        progress.decoded(max(len(r) for r in rows), max_new_tokens)
         chosen = step(chosen)
 
 

@@ -141,6 +141,41 @@ def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> t
     return model
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new model could take on ``device`` now: CUDA's free memory, or the host's ``MemAvailable``."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(spec: ModelSpec) -> None:
+    """Refuse a model whose weights alone cannot fit the device's free memory, before building it (known up front
+    for ``random_weights`` models, which give their parameter count)."""
+    if not spec.random_weights or not spec.parameters:
+        return
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device, spec.cuda_dtype)
+    need = spec.parameters * dtype.itemsize
+    have = available_memory(device)
+    if have is None or need <= have:
+        return
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    hint = "use a device with more free memory, or a smaller model"
+    if device.type == "cpu" and dtype.itemsize > 2:
+        half = spec.parameters * 2
+        hint += (f"; on this CPU model.dtype=bfloat16 needs {gib(half)} (slow: most CPUs have no bf16 units)"
+                 if half <= have else "")
+    raise ValueError(f"model={spec.name} needs {gib(need)} for its {spec.parameters:,} weights in "
+                     f"{str(dtype).removeprefix('torch.')} alone, and {device.type} has {gib(have)} available; {hint}")
+
+
 # ---------------------------------------------------------------- real architectures with random weights
 def architecture_config(spec: "ModelSpec"):
     """The transformers config of a ``random_weights`` model, from the numbers in its yaml."""
@@ -179,9 +214,28 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype):
     if spec.path and not Path(spec.path).exists():
         raise FileNotFoundError(f"model.path={spec.path!r} does not exist")
     kw = {"revision": spec.revision} if spec.revision and not spec.path else {}
-    tok = AutoTokenizer.from_pretrained(where, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+    except OSError as err:
+        if spec.path:
+            raise
+        raise ValueError(hub_error(spec, err)) from None
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     return model, tok
+
+
+def hub_error(spec: ModelSpec, err: OSError) -> str:
+    """One line for a hub model that could not be fetched: why, and how to run it from a local copy."""
+    text = " ".join(str(err).split())
+    if any(s in text for s in ("couldn't connect", "offline mode", "Connection", "resolve", "Max retries")):
+        why = "the Hugging Face hub is unreachable from this machine"
+    elif any(s in text.lower() for s in ("gated", "401", "403", "access")):
+        why = "the hub refused access (a gated model: accept its licence on huggingface.co and log in)"
+    else:
+        why = text.split(". ")[0]
+    return (f"model={spec.name}: cannot load {spec.hub_id!r}: {why}; on a machine with access run "
+            f"`hf download {spec.hub_id} --local-dir <folder>`, copy the folder here and pass "
+            f"model.path=<folder>")
 
 
 # ---------------------------------------------------------------- tiny random models for tests

@@ -2,6 +2,7 @@
 is loaded: each bad value fails with its name, the value and what would be valid."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,26 @@ def positive_int_or_none(name: str, value: Any) -> int | None:
         return None
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name}={value!r} is not valid; give a positive integer, or null for no limit")
+    return value
+
+
+def auto_threads(cores: int, load: float) -> int:
+    """CPU threads for a job: the cores the machine's load leaves free (at least one).  Threads beyond the free
+    cores get descheduled while the others wait for them: every step then runs many times slower."""
+    return max(1, int(cores - load + 0.5))
+
+
+def threads_option(value: Any) -> int | None:
+    """``threads``: a positive integer, ``auto`` (the cores not busy when the run starts; torch's default when
+    ``OMP_NUM_THREADS`` is set) or null (torch's default: every core)."""
+    if value == "auto":
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return auto_threads(cores, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"threads={value!r} is not valid; give a positive integer, auto (the cores not busy when "
+                         "the run starts) or null (torch's default: every core)")
     return value
 
 
@@ -66,7 +87,7 @@ class RunOptions:
             if value is not None and (isinstance(value, str) or not hasattr(value, "__len__")):
                 raise ValueError(f"grid.{key}={value!r} is not valid; give a list, e.g. grid.{key}=[...]")
         return cls(limit=positive_int_or_none("limit", cfg.get("limit")), shard=parse_shard(cfg.get("shard")),
-                   threads=positive_int_or_none("threads", cfg.get("threads")), seed=seed,
+                   threads=threads_option(cfg.get("threads")), seed=seed,
                    progress=boolean("progress", cfg.get("progress", True)),
                    update_leaderboard=boolean("update_leaderboard", cfg.get("update_leaderboard", True)),
                    skip_invalid=boolean("grid.skip_invalid", grid.get("skip_invalid", False)))

@@ -6,46 +6,69 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 def run_dir(root: str | Path, task: str, model: str, method: str, budget: int | None, config_hash: str) -> Path:
     return Path(root) / "runs" / task / model / method / ("none" if budget is None else str(budget)) / config_hash
 
 
-class PredictionLog:
-    """Append-only ``predictions.jsonl``; a truncated last line (a killed run) is dropped on open."""
+def check_output_dir(root: str | Path) -> None:
+    """Fail before any model loads when results cannot be written under ``output_dir``."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        why = (err.strerror or str(err)).lower()
+        raise ValueError(f"output_dir={str(root)!r} is not writable ({why}: {err.filename}); give "
+                         "output_dir=<a folder you can write>") from None
 
-    def __init__(self, path: Path):
+
+class PredictionLog:
+    """Append-only ``predictions.jsonl``.
+
+    Reading never changes the file: a malformed line in the middle (a hand edit, a disk hiccup) is skipped with a
+    warning and every valid row is kept; a row without an ``id`` stops the run with its path and line.  With
+    ``repair`` (only under the cell's lock) a torn last line, a write cut off by a killed run, is cut away so the
+    next append starts on a line of its own."""
+
+    def __init__(self, path: Path, repair: bool = False):
         self.path = path
         self.records: dict[str, dict] = {}
         if path.exists():
-            self._load()
+            self._load(repair)
 
-    def _load(self) -> None:
+    def _load(self, repair: bool) -> None:
         raw = self.path.read_bytes()
-        good_end = 0
-        pos = 0
-        for line in raw.splitlines(keepends=True):
-            pos += len(line)
-            if not line.endswith(b"\n"):
-                break
+        lines = raw.splitlines(keepends=True)
+        torn = bool(lines) and not lines[-1].endswith(b"\n")
+        for number, line in enumerate(lines[:-1] if torn else lines, start=1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            self.records.setdefault(rec["id"], rec)
-            good_end = pos
-        if good_end < len(raw):
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.warning("%s: line %d is not valid JSON; skipped (the other rows are kept)", self.path, number)
+                continue
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise ValueError(f"{self.path}: line {number} is not a prediction row (a JSON object with an 'id' "
+                                 "field, one per finished sample); fix or delete that line")
+            self.records.setdefault(str(rec["id"]), rec)
+        if torn and repair:
+            log.warning("%s: dropping a torn last line (a write cut off by a killed run)", self.path)
             with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+                f.truncate(len(raw) - len(lines[-1]))
 
     def done(self) -> set[str]:
         return set(self.records)
@@ -86,5 +109,8 @@ def environment(device: str) -> dict:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    import torch
+
     return {"code_version": code_version(), "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": device, "packages": packages}
+            "device": device, "packages": packages, "cpu_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

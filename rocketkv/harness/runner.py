@@ -14,11 +14,12 @@ from evals.base import Sample, Task, stable_hash
 from evals.prompting import conversation_token_ids, prompt_rows
 from rocketkv.core import AttentionShape
 from rocketkv.harness.cells import (Cell, check_plans, finished_metrics, grid_configs, lock_cell, make_cell,
-                                    metrics_name, run_protocol)
+                                    metrics_name, restore_cell_config, run_protocol, write_cell_config)
+from rocketkv.harness import progress
 from rocketkv.harness.conversations import run_conversation
-from rocketkv.harness.models import ModelSpec, load_model
+from rocketkv.harness.models import ModelSpec, check_memory, load_model
 from rocketkv.harness.options import RunOptions
-from rocketkv.harness.results import code_version, environment, write_json_atomic
+from rocketkv.harness.results import check_output_dir, code_version, environment, write_json_atomic
 from rocketkv.harness.sample_runs import STAT_KEYS, run_cells_shared_prefill, run_sample
 
 log = logging.getLogger(__name__)
@@ -93,24 +94,30 @@ def run(cfg: DictConfig) -> list[dict]:
     finished = [finished_metrics(cell, options.limit, options.shard) for cell in cells]
     if all(finished):
         for cell, metrics in zip(cells, finished):
+            restore_cell_config(cell)
             print(f"{cell.label}: already complete, score {metrics['score']:.2f} over {metrics['n_samples']} samples "
                   f"-> {cell.out_dir}")
         return finished
+    check_output_dir(cfg.output_dir)
+    check_memory(spec)
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
-    model, tokenizer = load_model(spec)
-    task.prompt_format = spec.prompt_rules()  # tasks that size prompts in tokens (RULER) build them this way
-    samples = select_samples(task.samples(tokenizer, spec.max_len), options.limit, options.shard,
-                             per_subtask=task.limit_scope == "subtask")
-    todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
-    prompts = build_prompts(tokenizer, spec, todo, task)
-    cells = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.plan_max_len, skip=options.skip_invalid)
-    with ExitStack() as locks:
-        for cell in cells:
-            cell.out_dir.mkdir(parents=True, exist_ok=True)
-            locks.enter_context(lock_cell(cell))
-        return _run_locked(cfg, options, task, spec, cells, model, tokenizer, samples, prompts)
+    with ExitStack() as held:
+        locks = [held.enter_context(lock_cell(cell)) for cell in cells]  # before the model: a busy cell fails at once
+        model, tokenizer = load_model(spec)
+        task.prompt_format = spec.prompt_rules()  # tasks that size prompts in tokens (RULER) build them this way
+        task.limit = options.limit  # tasks that generate their samples (RULER) make only the ones the run takes
+        samples = select_samples(task.samples(tokenizer, spec.max_len), options.limit, options.shard,
+                                 per_subtask=task.limit_scope == "subtask")
+        todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
+        prompts = build_prompts(tokenizer, spec, todo, task)
+        valid = check_plans(cells, todo, prompts, AttentionShape.of(model), spec.plan_max_len,
+                            skip=options.skip_invalid)
+        for cell, lock in zip(cells, locks):
+            if not any(cell is v for v in valid):
+                lock.release()
+        return _run_locked(cfg, options, task, spec, valid, model, tokenizer, samples, prompts)
 
 
 def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, samples, prompts) -> list[dict]:
@@ -118,10 +125,12 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
     todo = [s for s in samples if any(s.id not in c.preds.done() for c in cells)]
     env = environment(str(model.device))
     for cell in cells:
-        (cell.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cell.cfg, resolve=True))
+        write_cell_config(cell)
         write_json_atomic(cell.out_dir / "env.json", env)
     desc = cells[0].label if len(cells) == 1 else f"{cfg.task.name}/{spec.name}/grid of {len(cells)}"
-    for sample in tqdm(todo, desc=desc, disable=not options.progress, dynamic_ncols=True):
+    bar = tqdm(todo, desc=desc, disable=not options.progress, dynamic_ncols=True)
+    for sample in bar:
+        progress.track(bar)  # a long sample shows its prefill and decoded tokens on the bar
         rows = prompts[sample.id]
         pending = [c for c in cells if sample.id not in c.preds.done()]
         if task.multi_turn:  # one cache carried over the turns, per cell
@@ -137,6 +146,7 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
         for cell in pending:
             if cell not in shareable:
                 cell.preds.append(run_sample(model, tokenizer, spec, sample, rows, cell, task))
+    progress.track(None)
 
     results = [finish_cell(cell, task, spec, samples, options, context) for cell in cells]
     if options.update_leaderboard:

@@ -12,6 +12,7 @@ from evals.base import Sample, Task
 from rocketkv.core import AttentionShape, compress
 from rocketkv.harness.cells import Cell
 from rocketkv.core.graphs import rope_types, use_cuda_graphs
+from rocketkv.harness import progress
 from rocketkv.harness.generation import Decoding, Timer, decode, forward, prefill
 from rocketkv.harness.memory import PeakMemory, process_peak_rss
 from rocketkv.harness.models import ModelSpec
@@ -113,6 +114,7 @@ class SharedPrefill:
             cache = base.new_cache(sample.max_new_tokens, prompt_len=len(rows[0]), capture_window=window)
             with Timer(model.device) as t, torch.inference_mode():
                 forward(model, [r[:-1] for r in rows], cache)
+            progress.prefilled(len(rows[0]) - 1)
             base.release()  # the cache is freed with this object, not at a later garbage collection
         return cls(cache, t.seconds, mem.read(), held_bytes(cache))
 

@@ -28,8 +28,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one line ``error: ...`` when a file cannot be read or the report cannot be written."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return report(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {describe(err, args)}", file=sys.stderr)
+        return 2
+
+
+def describe(err: Exception, args: argparse.Namespace) -> str:
+    if isinstance(err, FileNotFoundError) and args.status and err.filename == args.status:
+        return f"--status {args.status}: no such file; give a grid spec YAML (tasks, models, methods, budgets)"
+    if isinstance(err, OSError) and err.filename:
+        return (f"{(err.strerror or type(err).__name__).lower()}: {err.filename}; the report reads runs/ and writes "
+                f"its files under --root {args.root}, which must be a folder you can write")
+    return str(err)
+
+
+def report(args: argparse.Namespace) -> int:
     if args.status:
         runs = load_results(args.root).runs
         print(format_status(grid_status(runs, read_grid_spec(args.status))), end="")

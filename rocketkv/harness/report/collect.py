@@ -240,6 +240,8 @@ def load_results(root: str | Path) -> Results:
         warnings += metric_warnings
         if (folder.path / "config.yaml").exists():
             warnings += read_yaml(folder.path / "config.yaml")[1]
+        else:
+            warnings.append(f"{folder.path}: config.yaml missing (the cell's own command, run again, writes it)")
         run_info = (metrics or {}).get("run") or {}
         samples = pd.DataFrame(sample_rows(folder, predictions.records, run_info), columns=SAMPLE_COLUMNS)
         sample_frames.append(samples)

@@ -1,12 +1,13 @@
 """Report figures (PNG and PDF under ``<root>/plots/``); each plot type is skipped when its data is absent.
 
 * ``score_vs_budget__<task>__<model>``: score against budget (log2 axis), a line per method with a band from the
-  paired bootstrap CI of the difference to full KV (centred on the score), full KV as a dashed horizontal line.
+  paired bootstrap CI of the difference to full KV (centred on the score), full KV as a dashed horizontal line;
+  the score axis and the bands stay within the metric's range (0-100 for accuracy scores).
 * ``needle_heatmap__<task>__<model>``: mean score by depth x context length, a panel per method and budget
   (samples whose meta has both ``length`` and ``depth``).
 * ``length_by_budget__<task>__<model>``: mean score by context length, a row per method and budget (RULER-style
   tasks: samples with ``length`` but no ``depth``).
-* ``pareto__<task>__<model>``: score against KV bytes read per decode step, with the Pareto front.
+* ``pareto__<task>__<model>``: score against the K/V MiB read per decode step, with the Pareto front.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -48,30 +50,59 @@ def method_palette(methods) -> dict:
     return dict(zip(methods, sns.color_palette(n_colors=len(methods))))
 
 
+SCORE_RANGE = (0.0, 100.0)  # accuracy scores; a task whose scores leave it (tok/s) is only kept >= 0
+MIB = 2**20
+
+
+def score_range(scores: pd.Series) -> tuple[float, float | None]:
+    """The range of the metric these scores come from: 0-100 for accuracy scores, else [0, open)."""
+    known = scores.dropna()
+    if known.between(*SCORE_RANGE).all():
+        return SCORE_RANGE
+    return SCORE_RANGE[0], None
+
+
+def _set_score_axis(axes: plt.Axes, bounds: tuple[float, float | None]) -> None:
+    low, high = bounds
+    if high is None:
+        axes.set_ylim(bottom=low)
+    else:
+        margin = 0.03 * (high - low)  # markers at the bounds stay visible
+        axes.set_ylim(low - margin, high + margin)
+
+
+def score_vs_budget_figure(task: str, model: str, runs: pd.DataFrame) -> plt.Figure | None:
+    budgeted = runs[runs["budget"].notna()].astype({"budget": float}).sort_values(["method", "budget"])
+    if budgeted.empty:
+        return None
+    bounds = score_range(runs["score"])
+    palette = method_palette(budgeted["method"])
+    figure, axes = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=budgeted, x="budget", y="score", hue="method", palette=palette, marker="o",
+                 errorbar=None, ax=axes)
+    for method, line in budgeted.groupby("method"):
+        low = (line["score"] + line["delta_ci_low"] - line["delta_vs_full"]).clip(*bounds)
+        high = (line["score"] + line["delta_ci_high"] - line["delta_vs_full"]).clip(*bounds)
+        axes.fill_between(line["budget"], low, high, color=palette[method], alpha=0.2, linewidth=0)
+    full = runs[is_reference(runs["method"])]
+    if not full.empty:
+        axes.axhline(full["score"].iloc[0], color="black", linestyle="--", linewidth=1, label="full KV")
+    budgets = sorted(budgeted["budget"].unique())
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(budgets, [str(int(b)) for b in budgets])
+    axes.minorticks_off()
+    _set_score_axis(axes, bounds)
+    axes.set(xlabel="token budget", ylabel="score", title=f"{task} — {model}")
+    axes.legend(fontsize="small")
+    return figure
+
+
 def plot_score_vs_budget(leaderboard: pd.DataFrame, out_dir: Path) -> list[Path]:
     written = []
     for (task, model), runs in leaderboard.groupby(["task", "model"], sort=True):
-        budgeted = runs[runs["budget"].notna()].astype({"budget": float}).sort_values(["method", "budget"])
-        if budgeted.empty:
-            continue
-        palette = method_palette(budgeted["method"])
-        figure, axes = plt.subplots(figsize=(6.5, 4.2))
-        sns.lineplot(data=budgeted, x="budget", y="score", hue="method", palette=palette, marker="o",
-                     errorbar=None, ax=axes)
-        for method, line in budgeted.groupby("method"):
-            low = line["score"] + line["delta_ci_low"] - line["delta_vs_full"]
-            high = line["score"] + line["delta_ci_high"] - line["delta_vs_full"]
-            axes.fill_between(line["budget"], low, high, color=palette[method], alpha=0.2, linewidth=0)
-        full = runs[is_reference(runs["method"])]
-        if not full.empty:
-            axes.axhline(full["score"].iloc[0], color="black", linestyle="--", linewidth=1, label="full KV")
-        budgets = sorted(budgeted["budget"].unique())
-        axes.set_xscale("log", base=2)
-        axes.set_xticks(budgets, [str(int(b)) for b in budgets])
-        axes.minorticks_off()
-        axes.set(xlabel="token budget", ylabel="score", title=f"{task} — {model}")
-        axes.legend(fontsize="small")
-        written += save_figure(figure, out_dir, file_stem("score_vs_budget", task, model))
+        figure = score_vs_budget_figure(task, model, runs)
+        if figure is not None:
+            written += save_figure(figure, out_dir, file_stem("score_vs_budget", task, model))
     return written
 
 
@@ -133,24 +164,34 @@ def pareto_front(points: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:
     return ordered[ordered[value] > best_before]
 
 
+def pareto_figure(task: str, model: str, runs: pd.DataFrame) -> plt.Figure:
+    """Score against the K/V MiB one decode step reads (log2 axis), a point per run labelled with its budget;
+    the Pareto front joins the points no other beats on both (drawn when it has two or more)."""
+    runs = runs.assign(mib=runs["bytes_read_per_step"] / MIB)
+    figure, axes = plt.subplots(figsize=(6.5, 4.2))
+    sns.scatterplot(data=runs, x="mib", y="score", hue="method", style="method",
+                    palette=method_palette(runs["method"]), s=60, ax=axes)
+    front = pareto_front(runs, "mib", "score")
+    if len(front) >= 2:
+        axes.step(front["mib"], front["score"], where="post", color="grey", linestyle=":", linewidth=1.2,
+                  label="Pareto front")
+    for _, run in runs.iterrows():
+        axes.annotate(budget_label(run["budget"]), (run["mib"], run["score"]),
+                      textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    _set_score_axis(axes, score_range(runs["score"]))
+    axes.set(xlabel="K/V MiB read per decode step", ylabel="score", title=f"{task} — {model}")
+    axes.legend(fontsize="small")
+    return figure
+
+
 def plot_pareto(leaderboard: pd.DataFrame, out_dir: Path) -> list[Path]:
     written = []
     measured = leaderboard.dropna(subset=["bytes_read_per_step", "score"])
     measured = measured[measured["bytes_read_per_step"] > 0]
     for (task, model), runs in measured.groupby(["task", "model"], sort=True):
-        figure, axes = plt.subplots(figsize=(6.5, 4.2))
-        sns.scatterplot(data=runs, x="bytes_read_per_step", y="score", hue="method", style="method",
-                        palette=method_palette(runs["method"]), s=60, ax=axes)
-        front = pareto_front(runs, "bytes_read_per_step", "score")
-        axes.step(front["bytes_read_per_step"], front["score"], where="post", color="grey", linestyle=":",
-                  linewidth=1, label="Pareto front")
-        for _, run in runs.iterrows():
-            axes.annotate(budget_label(run["budget"]), (run["bytes_read_per_step"], run["score"]),
-                          textcoords="offset points", xytext=(4, 4), fontsize="x-small")
-        axes.set_xscale("log", base=2)
-        axes.set(xlabel="KV bytes read per decode step", ylabel="score", title=f"{task} — {model}")
-        axes.legend(fontsize="small")
-        written += save_figure(figure, out_dir, file_stem("pareto", task, model))
+        written += save_figure(pareto_figure(task, model, runs), out_dir, file_stem("pareto", task, model))
     return written
 
 

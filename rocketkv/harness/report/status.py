@@ -29,7 +29,10 @@ def _as_list(value) -> list:
 
 
 def read_grid_spec(path: str | Path) -> dict:
-    spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a grid spec must be a mapping with tasks, models, methods, budgets")
     return {
