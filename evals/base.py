@@ -130,6 +130,10 @@ class Task(ABC):
         """Everything that defines the task's prompts and scoring; hashed into every result."""
         return {"task": self.name}
 
+    def metrics_line(self, metrics: dict) -> str:
+        """More of a cell's ``metrics.json`` for the runner's one-line summary (after the headline score)."""
+        return ""
+
     def summary(self, results: list[dict]) -> str | None:
         """A text table the runner prints at the end of a run, from the ``metrics.json`` of every cell of the run
         (each with its ``run`` info: method, budget, ``reference`` for the full-KV cell); None prints nothing."""

@@ -36,7 +36,8 @@ def metrics_name(shard: tuple[int, int] | None) -> str:
 # behaviour), so earlier results keep their folders; any other value is hashed like every other option.
 LATER_OPTIONS = {
     "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None},
-    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None},
+    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None,
+             "metric": None},
 }
 
 
