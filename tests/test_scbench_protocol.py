@@ -40,6 +40,12 @@ def test_the_preset_sets_the_official_scbench_options(compose_cfg):
             assert (method.window, method.decode_last_prompt_token) == (window, split)
     cfg = compose_cfg(*RUN, "+experiment=paper_protocol", "method=full")
     assert make_cell(cfg, "tiny-random", None).method.window == 32  # full KV has nothing to select
+    # the run-level options reach the method, so its results folder
+    hashes = {make_cell(compose_cfg(*RUN, *extra), "tiny-random", None).config_hash
+              for extra in ([], ["window=64"], ["decode_last_prompt_token=false"], ["method.window=64"])}
+    assert len(hashes) == 3  # window=64 and method.window=64 are the same method
+    with pytest.raises(ValueError, match=r"window=0 is not valid; give an integer >= 1"):
+        make_cell(compose_cfg(*RUN, "window=0"), "tiny-random", None)
 
 
 def test_chat_turns_render_as_scbench_does():

@@ -35,7 +35,8 @@ def metrics_name(shard: tuple[int, int] | None) -> str:
 # Options added after results existed: left out of the hash while they keep these values (which give the earlier
 # behaviour), so earlier results keep their folders; any other value is hashed like every other option.
 LATER_OPTIONS = {
-    "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None},
+    "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None,
+              "plan_len_cap": None, "special_tokens": "skip"},
     "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None,
              "metric": None, "turn_format": "raw", "plan_length": "conversation", "last_answer_token": "fed"},
 }

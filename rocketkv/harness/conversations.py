@@ -39,7 +39,8 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
             if i:
                 session.next_turn(cache, len(feed), new)
             logits, t_prefill = prefill(model, [feed], cache, split and len(feed) >= 2)
-            decoding = decode(model, tokenizer, logits, cache, new, sample.stop, task.ignore_eos, graphs)
+            decoding = decode(model, tokenizer, logits, cache, new, sample.stop, task.ignore_eos, graphs,
+                              spec.special_tokens)
             tokens = decoding.tokens[0]
             # the last answer token, unless the answer ended at EOS (or the task drops it)
             unfed = tokens[decoding.steps:] if task.feed_last_answer_token else []
