@@ -122,7 +122,7 @@ def measure(which: str, out: Path, budgets: list[int]) -> None:
         task = ["task=needle", "task.lengths=[2000,4000]", "task.depths=[0.0,0.25,0.5,0.75,1.0]"]
     else:  # the real multi_news rows beside the checkout (developers' machines), cut to 4k tokens
         data = repo.parent / "shared" / "data" / "longbench"
-        task = ["task=longbench", f"task.data_dir={data}", "task.subsets=[multi_news]", "limit=2",
+        task = ["task=longbench", f"task.data_dir={data}", "task.subsets=[multi_news]", "limit=1",
                 "model.max_len=4096", f"task.cache_dir={out / 'cache'}"]
     rows = {}
     for rule in ("lowest", "highest"):

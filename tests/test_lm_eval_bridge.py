@@ -223,7 +223,21 @@ def test_the_default_method_is_visible(tiny, caplog):
     assert (chosen["kv_method"], chosen["kv_budget"], chosen["kv_defaults_used"]) == ("full", None, [])
 
 
-def test_help_names_the_model_args_and_defaults(monkeypatch, capsys):
+@pytest.fixture
+def restore_logging():
+    """lm-eval's command line binds its log handlers to this test's captured stderr: take them off again."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("", "lm_eval", "rocketkv")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_help_names_the_model_args_and_defaults(monkeypatch, capsys, restore_logging):
     from rocketkv.harness import lm_eval_cli
 
     monkeypatch.setattr("sys.argv", ["rocketkv-lm-eval", "run", "--help"])

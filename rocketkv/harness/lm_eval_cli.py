@@ -45,7 +45,6 @@ def main() -> None:
     from rocketkv.harness.lm_eval_model import BridgeError, check_cli_args  # registers --model rocketkv
     from lm_eval.__main__ import cli_evaluate
 
-    _share_lm_eval_logging()
     try:
         early = argparse.ArgumentParser(add_help=False)
         early.add_argument("--model")
@@ -54,6 +53,7 @@ def main() -> None:
         known, _ = early.parse_known_args()
         if known.model == "rocketkv":  # a typo costs a second, not lm-eval's task indexing and a model load
             check_cli_args(known.model_args, known.batch_size)
+        _share_lm_eval_logging()
         cli_evaluate()
     except BridgeError as err:
         if os.environ.get("ROCKETKV_DEBUG"):
