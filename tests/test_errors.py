@@ -137,7 +137,8 @@ LM_EVAL_BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,fragments", LM_EVAL_BAD_INPUTS, ids=[" ".join(o[4:]) for o, _ in LM_EVAL_BAD_INPUTS])
+@pytest.mark.parametrize("overrides,fragments", LM_EVAL_BAD_INPUTS,
+                         ids=[" ".join(o[4:]) for o, _ in LM_EVAL_BAD_INPUTS])
 def test_lm_eval_task_bad_input_is_one_error_line(run_cli, overrides, fragments):
     pytest.importorskip("lm_eval")
     test_bad_input_is_one_error_line_with_exit_code_2(run_cli, overrides, fragments)

@@ -1,9 +1,9 @@
 """An all-zero query (an all-zero embedding row reproduces it) gives a finite, defined decode step.
 
-SparQ's and HSA's approximate scores are divided by a temperature ``sqrt(d·‖q_I‖₁/‖q‖₁)``, which is 0/0 for a
-zero query.  The defined result: its approximate scores are uniform over the visible slots, the top-k cut keeps the
-lowest slots (the ties rule), and the exact attention of a zero query over them is the mean of their values.  The
-tests drive the public method hooks (``plan``/``index``/``decode``) and a whole model, never the internals.
+SparQ's and HSA's approximate scores are divided by a temperature ``sqrt(d·‖q_I‖₁/‖q‖₁)``, which is 0/0 for
+a zero query.  The defined result: its approximate scores are uniform over the visible slots, the top-k cut keeps
+the lowest slots (the ties rule), and the exact attention of a zero query over them is the mean of their values.
+The tests drive the public method hooks (``plan``/``index``/``decode``) and a whole model, never the internals.
 """
 import pytest
 import torch
