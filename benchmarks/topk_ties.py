@@ -110,7 +110,7 @@ def unpatch(monkey: list) -> None:
     monkey.clear()
 
 
-def measure(which: str, out: Path, budgets: list[int]) -> None:
+def measure(which: str, out: Path, budgets: list[int], data: Path | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
     from rocketkv.harness.runner import run
@@ -121,7 +121,7 @@ def measure(which: str, out: Path, budgets: list[int]) -> None:
     if which == "needle":
         task = ["task=needle", "task.lengths=[2000,4000]", "task.depths=[0.0,0.25,0.5,0.75,1.0]"]
     else:  # the real multi_news rows beside the checkout (developers' machines), cut to 4k tokens
-        data = repo.parent / "shared" / "data" / "longbench"
+        data = data or repo.parent / "shared" / "data" / "longbench"
         task = ["task=longbench", f"task.data_dir={data}", "task.subsets=[multi_news]", "limit=1",
                 "model.max_len=4096", f"task.cache_dir={out / 'cache'}"]
     rows = {}
@@ -152,9 +152,10 @@ def main():
     ap.add_argument("--measure", choices=["needle", "longbench"], help="smoke scores under both tie rules")
     ap.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--output-dir", default="results/topk_ties")
+    ap.add_argument("--data-dir", type=Path, help="LongBench jsonl folder (default: ../shared/data/longbench)")
     args = ap.parse_args()
     if args.measure:
-        measure(args.measure, Path(args.output_dir).resolve(), args.budgets)
+        measure(args.measure, Path(args.output_dir).resolve(), args.budgets, args.data_dir)
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     lines = [summary(device, probe(device)) for device in devices]
