@@ -68,6 +68,15 @@ def test_chat_turns_render_as_scbench_does():
     assert rows[0][:2] == [tok.bos_token_id] * 2 and tok.bos_token_id not in rows[1]
     with pytest.raises(ValueError, match="task.turn_format='chat'"):
         SCBenchTask({"data_dir": str(FIXTURE), "turn_format": "chat"})
+    mistral = standin_tokenizer("mistral-7b-instruct-v0.2")
+    saved = mistral.chat_template
+    mistral.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('roles must alternate') }}" \
+                            "{% endif %}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    try:
+        with pytest.raises(ValueError, match=r"cannot render SCBench's turns \(roles must alternate\)"):
+            task.samples(mistral, 8192)
+    finally:
+        mistral.chat_template = saved
 
 
 def test_plan_from_the_first_turn():

@@ -189,7 +189,11 @@ def chat_turns(tokenizer, subset: str, context: str, turns: list[dict], golden_c
     continues the history.  Returns (the first turn's text up to the end of the context, every turn's text after
     it): the runner truncates the context alone."""
     def render(messages, generation_prompt):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template's own refusal (e.g. roles that must alternate)
+            raise ValueError(f"task.turn_format=chat_template: the tokenizer's chat template cannot render SCBench's "
+                             f"turns ({err}); the official runs use Llama-3.1's; use task.turn_format=raw") from None
 
     whole = render([{"role": "user", "content": FIRST_TURN[subset].format(context=CONTEXT_MARK,
                                                                           input=turns[0]["input"])}], True)

@@ -36,6 +36,7 @@ from rocketkv.core import check_model, compress
 log = logging.getLogger(__name__)
 
 LOGLIKELIHOOD_POLICIES = ("error", "dense")
+STAT_KEYS = ("kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes")
 DEFAULT_METHOD, DEFAULT_BUDGET = "rocketkv", 256
 OWN_ARGS = ("method", "budget", "loglikelihood", "model_max_len")
 # Keys lm-eval's hf model hands on to ``from_pretrained`` that we let through (its **kwargs take anything, so an
@@ -63,7 +64,6 @@ def check_model_args(keys) -> None:
         hint = "".join(f" (did you mean {m[0]!r} for {k!r}?)" for k, m in close.items() if m)
         raise BridgeError(f"unknown --model_args key(s) {', '.join(map(repr, bad))}{hint}; valid: "
                           + "; ".join(f"{group}: {', '.join(names)}" for group, names in groups.items()))
-STAT_KEYS = ("kept_tokens", "attended_tokens", "elements_read_per_step", "bytes_read_per_step", "stored_kv_bytes")
 
 
 def method_option_names() -> set[str]:
