@@ -42,6 +42,8 @@ class Sample:
     prompt_ids: list[int] | list[list[int]] | None = None
     # a conversation (multi-turn tasks): ``prompt`` is the shared context, each turn decodes ``max_new_tokens``
     turns: list[Turn] | None = None
+    # a conversation's budget plan: from the first turn and one answer (SCBench's official runs), else the whole
+    plan_first_turn: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +86,9 @@ class Task(ABC):
     measures_accuracy: bool = True
     # Samples are conversations (``Sample.turns``), scored per turn with ``score_turn``.
     multi_turn: bool = False
+    # A conversation's next turn starts with the previous answer's last token, which the decode loop generated but
+    # never fed (False: dropped, as SCBench's official runs do).
+    feed_last_answer_token: bool = True
     # How the model builds prompts (``evals.prompting.PromptFormat``), set by the runner before ``samples``; a task
     # that sizes its prompts in tokens (RULER) counts them this way.  None: the default rules.
     prompt_format: Any = None
@@ -132,6 +137,10 @@ class Task(ABC):
     def protocol(self) -> dict:
         """Everything that defines the task's prompts and scoring; hashed into every result."""
         return {"task": self.name}
+
+    def metrics_line(self, metrics: dict) -> str:
+        """More of a cell's ``metrics.json`` for the runner's one-line summary (after the headline score)."""
+        return ""
 
     def summary(self, results: list[dict]) -> str | None:
         """A text table the runner prints at the end of a run, from the ``metrics.json`` of every cell of the run

@@ -5,9 +5,11 @@ lm-eval builds the requests (few-shot context, ``until``, ``max_gen_toks``) and 
 results tree work as for every other task.  Differences from running lm-eval itself:
 
 - prompts longer than the model's context are truncated in the middle (our runner) instead of on the left;
-- decoding is always greedy, and each generation-kwargs ``until`` list is followed, plus EOS;
-- ``score`` (the headline) is the first metric of each task (x100 when it lies in [0, 1]), averaged over the tasks
-  with equal weight; lm-eval's group aggregates (e.g. size-weighted) are not reproduced.
+- decoding is always greedy, and each generation-kwargs ``until`` list is followed, plus EOS; a task or
+  ``gen_kwargs`` asking for sampling (or beams, penalties, ...) is refused (``greedy_gen_kwargs``);
+- ``score`` (the headline) is one metric of each task, ``task.metric`` or else the task's first (x100 when it
+  lies in [0, 1]), averaged over the tasks with equal weight; lm-eval's group aggregates (e.g. size-weighted) are
+  not reproduced.
 """
 from __future__ import annotations
 
@@ -18,6 +20,27 @@ from typing import Any
 from evals.base import Sample, Task
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default when a task sets none
+# Generation kwargs a greedy decode honours, and sampling-only ones that greedy decoding leaves without effect.
+GREEDY_KEYS = ("until", "max_gen_toks", "do_sample", "temperature")
+SAMPLING_ONLY_KEYS = ("top_p", "top_k", "min_p", "typical_p")
+
+
+def greedy_gen_kwargs(gen_kwargs: dict, where: str) -> dict:
+    """lm-eval's normalised generation kwargs when a greedy decode does what they ask; otherwise a ``ValueError``
+    naming what was asked (sampling, beams, penalties, ...) and what is supported: nothing else is run instead."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    kwargs = dict(normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS))
+    if kwargs.get("do_sample"):
+        raise ValueError(f"{where} asks for sampling (do_sample={gen_kwargs.get('do_sample')!r}, "
+                         f"temperature={gen_kwargs.get('temperature')!r}): rocketkv decodes greedily only; "
+                         "drop do_sample/temperature from --gen_kwargs (or set do_sample=False)")
+    other = sorted(k for k in kwargs if k not in GREEDY_KEYS + SAMPLING_ONLY_KEYS)
+    if other:
+        raise ValueError(f"{where} sets generation kwargs {other} ({', '.join(f'{k}={kwargs[k]!r}' for k in other)}), "
+                         f"which rocketkv's greedy decode does not support; supported: until, max_gen_toks "
+                         f"(or max_new_tokens), do_sample=False, temperature=0")
+    return kwargs
 
 
 def _names(raw: Any) -> list[str]:
@@ -77,10 +100,16 @@ class LmEvalTask(Task):
     def names(self) -> list[str]:
         return _names(self.cfg.get("names"))
 
-    def validate(self, model_max_len: int) -> None:
+    def _check_names(self) -> None:
         if not self.names:
             raise ValueError("task=lm_eval needs lm-eval task names, e.g. task.names=[gsm8k] "
                              "or task.names=[niah_single_1]")
+
+    def validate(self, model_max_len: int) -> None:
+        """Names, the headline metric and each task's generation kwargs, before any model is loaded."""
+        self._check_names()
+        self._load()
+        self._check_metric()
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Any]:
@@ -89,7 +118,7 @@ class LmEvalTask(Task):
         from lm_eval.defaults import DEFAULT_OTHER_SEED
         from lm_eval.tasks import TaskManager
 
-        self.validate(0)
+        self._check_names()
         include = self.cfg.get("include_path")
         include = _names(include) if include else None
         metadata = _plain(self._opt("metadata", {}))
@@ -112,6 +141,7 @@ class LmEvalTask(Task):
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=int(self._opt("fewshot_seed", DEFAULT_OTHER_SEED)))
+            greedy_gen_kwargs(task.get_config("generation_kwargs") or {}, f"lm-eval task {name!r}")
         self._tasks = tasks
         return tasks
 
@@ -136,13 +166,12 @@ class LmEvalTask(Task):
 
     # ------------------------------------------------------------------ samples
     def samples(self, tokenizer: Any, model_max_len: int) -> list[Sample]:
-        from lm_eval.models.utils import normalize_gen_kwargs
-
         self._build(tokenizer)
+        self._check_metric()
         out = []
         for (name, doc_id), inst in self._instances.items():
             context, gen_kwargs = inst.args[0], inst.args[1]
-            kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+            kwargs = greedy_gen_kwargs(gen_kwargs, f"lm-eval task {name!r}")
             out.append(Sample(
                 id=f"{name}/{doc_id}", prompt=strip_bos(context, tokenizer),
                 references=self._references(name, inst.doc), max_new_tokens=int(kwargs["max_gen_toks"]),
@@ -176,10 +205,28 @@ class LmEvalTask(Task):
             self._metric_cache[key] = out
         return self._metric_cache[key]
 
+    def _headline(self, metrics: dict[str, Any]) -> str | None:
+        """The key of the headline metric among one task's ``{"<metric>,<filter>": value}``: ``task.metric``
+        (``exact_match`` or ``exact_match,none``), else the first."""
+        wanted = self.cfg.get("metric")
+        if not wanted:
+            return next(iter(metrics), None)
+        return next((key for key in metrics if wanted in (key, key.split(",")[0])), None)
+
+    def _check_metric(self) -> None:
+        wanted = self.cfg.get("metric")
+        if not wanted:
+            return
+        for name, task in self._load().items():
+            keys = [f"{m},{f.name}" for f in task._filters for m in task.aggregation()]
+            if not any(wanted in (key, key.split(",")[0]) for key in keys):
+                raise ValueError(f"task.metric={wanted!r} is not a metric of lm-eval task {name!r}; "
+                                 f"valid: {', '.join(keys)}")
+
     def score(self, sample: Sample, prediction: str) -> float:
         metrics = self._metrics(sample.meta["lm_eval_task"], sample.meta["doc_id"], prediction)
         # Corpus-level metrics (bleu, ...) give non-numeric items per answer; only the aggregate scores them.
-        return _percent(_number(next(iter(metrics.values()), None)))
+        return _percent(_number(metrics.get(self._headline(metrics))))
 
     def aggregate(self, records: list[dict]) -> dict:
         from lm_eval.api.metrics import mean
@@ -196,11 +243,19 @@ class LmEvalTask(Task):
             for key, values in raw[name].items():
                 value = aggregation.get(key.split(",")[0], mean)(values)
                 metrics[key] = value if _number(value) is None else _number(value)
-            headline = next(iter(metrics))
+            headline = self._headline(metrics)
             subtasks[name] = {"score": _percent(_number(metrics[headline])), "n": len(raw[name][headline]),
                               "metric": headline, "metrics": metrics}
         scores = [s["score"] for s in subtasks.values()]
         return {"score": sum(scores) / len(scores) if scores else float("nan"), "subtasks": subtasks}
+
+    def metrics_line(self, metrics: dict) -> str:
+        """Every metric of every task, for the runner's one-line summary (the headline is one of them)."""
+        subtasks = metrics.get("subtasks", {})
+        parts = [f"{name + '/' if len(subtasks) > 1 else ''}{key} {_number(value):.4g}"
+                 for name, sub in subtasks.items() for key, value in sub.get("metrics", {}).items()
+                 if _number(value) is not None]
+        return f" ({'; '.join(parts)})" if parts else ""
 
     def protocol(self) -> dict:
         from importlib import metadata
@@ -209,5 +264,7 @@ class LmEvalTask(Task):
                 "system_instruction", "gen_kwargs", "metadata", "limit_per_task")
         cfg = {k: _plain(self.cfg.get(k)) for k in keys}
         cfg["names"] = self.names
+        if self.cfg.get("metric"):  # the headline's choice; absent at its default, so earlier results keep theirs
+            cfg["metric"] = self.cfg.get("metric")
         return {"task": self.name, **cfg, "lm_eval_version": metadata.version("lm_eval"),
                 "truncation": "middle", "decoding": "greedy"}

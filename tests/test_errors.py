@@ -263,3 +263,43 @@ def test_rocketkv_report_errors_are_one_line(capsys, read_only_tree, tmp_path):
         assert report(["--root", str(root), "--no-plots"]) == 2
     line = one_error_line(2, capsys.readouterr().err)
     assert "permission denied" in line and str(root) in line and f"--root {root}" in line
+
+
+# ---------------------------------------------------------------------- issue 31: the lm-eval bridge's refusals
+LM_EVAL_FIXTURES = REPO / "tests" / "fixtures" / "lm_eval"
+LM_EVAL = ["task=lm_eval", "task.names=[rocketkv_copy2]", f"task.include_path={LM_EVAL_FIXTURES}",
+           "task.include_defaults=false"]
+LM_EVAL_BAD_INPUTS = [
+    ([*LM_EVAL, "task.metric=acc"], ["task.metric='acc'", "rocketkv_copy2", "valid: exact,none, contains,none"]),
+    ([*LM_EVAL, "+task.gen_kwargs.do_sample=true"], ["'rocketkv_copy2' asks for sampling", "greedily"]),
+    ([*LM_EVAL, "+task.gen_kwargs.num_beams=4"], ["['num_beams']", "supported: until, max_gen_toks"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", LM_EVAL_BAD_INPUTS,
+                         ids=[" ".join(o[4:]) for o, _ in LM_EVAL_BAD_INPUTS])
+def test_lm_eval_task_bad_input_is_one_error_line(run_cli, overrides, fragments):
+    pytest.importorskip("lm_eval")
+    test_bad_input_is_one_error_line_with_exit_code_2(run_cli, overrides, fragments)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--model_args", "pretrained=unused,methd=full"], ["unknown --model_args key(s) 'methd'",
+                                                        "did you mean 'method'", "budget"]),
+    (["--model_args", "pretrained=unused,method=full", "--batch_size", "4"], ["batch_size=4 is not supported",
+                                                                             "one request at a time"]),
+    (["--model_args", "pretrained=unused,method=snap"], ["unknown method 'snap'", "rocketkv"]),
+])
+def test_rocketkv_lm_eval_bad_model_args_are_one_error_line(monkeypatch, capsys, args, fragments):
+    pytest.importorskip("lm_eval")
+    from rocketkv.harness import lm_eval_cli
+
+    monkeypatch.delenv("ROCKETKV_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["rocketkv-lm-eval", "--model", "rocketkv", *args, "--tasks", "rocketkv_copy",
+                                      "--include_path", str(LM_EVAL_FIXTURES), "--device", "cpu"])
+    with pytest.raises(SystemExit) as done:
+        lm_eval_cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and err[-1].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[-1], (fragment, err[-1])

@@ -167,3 +167,133 @@ def test_loglikelihood_tasks_refused_by_lm_eval_task():
         task.samples(tiny_tokenizer(), 8192)
     with pytest.raises(ValueError, match="needs lm-eval task names"):
         LmEvalTask(OmegaConf.create({"names": []})).validate(8192)
+
+
+# ---------------------------------------------------------------------- lm-eval's conventions (issue 31)
+def test_unknown_model_arg_names_the_key_and_the_valid_ones():
+    from rocketkv.harness.lm_eval_model import BridgeError
+
+    with pytest.raises(BridgeError) as err:
+        RocketKVLM(pretrained="unused", methd="full")
+    message = str(err.value)
+    assert "'methd'" in message and "did you mean 'method'" in message
+    for valid in ("method", "budget", "loglikelihood", "window", "pretrained", "dtype"):
+        assert valid in message
+
+
+def test_batch_size_other_than_one_is_refused():
+    from rocketkv.harness.lm_eval_model import BridgeError
+
+    for size in ("4", 4, "auto"):
+        with pytest.raises(BridgeError, match=rf"batch_size={size} is not supported.*one request at a time"):
+            RocketKVLM(pretrained="unused", method="full", batch_size=size)
+
+
+@pytest.mark.parametrize("gen_kwargs,fragment", [
+    ("do_sample=True,temperature=0.7", "asks for sampling"),
+    ("do_sample=True", "asks for sampling"),
+    ("num_beams=4", "['num_beams']"),
+])
+def test_non_greedy_gen_kwargs_are_refused_before_any_request(tiny, task_manager, gen_kwargs, fragment):
+    from rocketkv.harness.lm_eval_model import BridgeError
+
+    model, tok = tiny
+    lm = RocketKVLM(pretrained=model, tokenizer=tok, method="full")
+    with pytest.raises(BridgeError, match=fragment):
+        lm_eval.simple_evaluate(model=lm, tasks=[GEN_TASK], task_manager=task_manager, bootstrap_iters=0,
+                                gen_kwargs=gen_kwargs)
+    assert lm.request_stats == []
+
+
+def test_greedy_gen_kwargs_pass(tiny, task_manager):
+    model, tok = tiny
+    lm = RocketKVLM(pretrained=model, tokenizer=tok, method="full")
+    lm_eval.simple_evaluate(model=lm, tasks=[GEN_TASK], task_manager=task_manager, bootstrap_iters=0, limit=1,
+                            gen_kwargs="do_sample=False,temperature=0,top_p=0.9,max_gen_toks=3")
+    assert len(lm.request_stats) == 1 and lm.request_stats[0]["new_tokens"] <= 3
+
+
+def test_the_default_method_is_visible(tiny, caplog):
+    model, tok = tiny
+    lm = RocketKVLM(pretrained=model, tokenizer=tok)
+    info = lm.get_model_info()
+    assert (info["kv_method"], info["kv_budget"], info["kv_defaults_used"]) == ("rocketkv", 256, ["method", "budget"])
+    assert any("running rocketkv@256" in r.message for r in caplog.records)
+    chosen = RocketKVLM(pretrained=model, tokenizer=tok, method="full").get_model_info()
+    assert (chosen["kv_method"], chosen["kv_budget"], chosen["kv_defaults_used"]) == ("full", None, [])
+
+
+@pytest.fixture
+def restore_logging():
+    """lm-eval's command line binds its log handlers to this test's captured stderr: take them off again."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("", "lm_eval", "rocketkv")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_help_names_the_model_args_and_defaults(monkeypatch, capsys, restore_logging):
+    from rocketkv.harness import lm_eval_cli
+
+    monkeypatch.setattr("sys.argv", ["rocketkv-lm-eval", "run", "--help"])
+    with pytest.raises(SystemExit) as done:
+        lm_eval_cli.main()
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "method=<name>" in out and "(default: rocketkv)" in out and "(default: 256" in out and "--model_args" in out
+
+
+def test_documented_module_paths_are_the_bridge():
+    import importlib
+
+    alias = importlib.import_module("rocketkv.lm_eval_model")
+    assert alias.RocketKVLM is RocketKVLM
+    assert importlib.import_module("rocketkv.lm_eval_cli").main is \
+        importlib.import_module("rocketkv.harness.lm_eval_cli").main
+
+
+TWO_METRICS = "rocketkv_copy2"
+
+
+def two_metric_task(metric=None):
+    from omegaconf import OmegaConf
+
+    from evals.lm_eval_task import LmEvalTask
+
+    return LmEvalTask(OmegaConf.create({"names": [TWO_METRICS], "include_path": str(FIXTURES),
+                                        "include_defaults": False, "metric": metric}))
+
+
+def test_task_metric_chooses_the_headline():
+    from rocketkv.harness.models import tiny_tokenizer
+
+    records = []
+    for task in (two_metric_task(), two_metric_task("contains"), two_metric_task("contains,none")):
+        sample = task.samples(tiny_tokenizer(), 8192)[0]
+        records.append([{"meta": sample.meta, "prediction": " it was red apple"}])
+        headline = 0.0 if task.cfg.metric is None else 100.0
+        assert task.score(sample, " it was red apple") == headline
+        aggregated = task.aggregate(records[-1])
+        sub = aggregated["subtasks"][TWO_METRICS]
+        assert sub["metric"] == ("exact,none" if task.cfg.metric is None else "contains,none")
+        assert aggregated["score"] == headline and sub["metrics"] == {"exact,none": 0.0, "contains,none": 1.0}
+        assert task.metrics_line(aggregated) == " (exact,none 0; contains,none 1)"
+    with pytest.raises(ValueError, match=r"task.metric='acc' is not a metric of lm-eval task 'rocketkv_copy2'; "
+                                         r"valid: exact,none, contains,none"):
+        two_metric_task("acc").validate(8192)
+
+
+def test_runner_summary_prints_every_metric(tmp_path, capsys):
+    from rocketkv.harness.runner import run
+
+    [metrics] = run(compose(tmp_path, "method=full", f"task.names=[{TWO_METRICS}]", "task.metric=contains"))
+    sub = metrics["subtasks"][TWO_METRICS]
+    assert sub["metric"] == "contains,none" and metrics["score"] == pytest.approx(100 * sub["metrics"]["contains,none"])
+    assert metrics["run"]["protocol"]["metric"] == "contains"
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("lm_eval/")][-1]
+    assert "exact,none" in line and "contains,none" in line and f"score {metrics['score']:.2f}" in line

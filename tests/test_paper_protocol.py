@@ -69,8 +69,10 @@ def test_without_the_preset_nothing_changes(compose_cfg):
     cfg = compose_cfg(f"model={MISTRAL}", "task=longbench")
     assert OmegaConf.to_container(cfg.model) == {
         "cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None,
+        "plan_len_cap": None, "special_tokens": "skip",
         **OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{MISTRAL}.yaml"))}
     assert cfg.skip_layers is None and "protocol" not in cfg
+    assert cfg.window is None and cfg.decode_last_prompt_token is None
 
 
 def test_cfg_job_prints_the_official_values_for_mistral_on_longbench():
@@ -188,11 +190,12 @@ def test_a_cap_that_leaves_no_room_for_the_answer_is_refused(compose_cfg):
 
 # ---------------------------------------------------------------- budgets planned for S capped by the cap
 def test_the_sequence_length_for_budgets_is_capped_by_the_cap(compose_cfg):
-    for model, cap in ((LLAMA, 127500), (MISTRAL, 31500), (LONGCHAT, 31500)):
+    for model, cap, official_max in ((LLAMA, 127500, 128000), (MISTRAL, 31500, 32000), (LONGCHAT, 31500, 32000)):
         cfg = compose_cfg("+experiment=paper_protocol", f"model={model}", "task=longbench")
         assert ModelSpec.from_cfg(OmegaConf.to_container(cfg.model)).plan_max_len == cap
+        # RULER: the official model_max_len (128,000 / 32,000), not the model's 131,072 / 32,768
         ruler = compose_cfg("+experiment=paper_protocol", f"model={model}", "task=ruler")
-        assert ModelSpec.from_cfg(OmegaConf.to_container(ruler.model)).plan_max_len == ruler.model.max_len
+        assert ModelSpec.from_cfg(OmegaConf.to_container(ruler.model)).plan_max_len == official_max
 
 
 def test_a_run_plans_its_budgets_for_the_capped_length(compose_cfg, tmp_path):
@@ -215,7 +218,7 @@ def test_a_run_plans_its_budgets_for_the_capped_length(compose_cfg, tmp_path):
 def test_new_options_at_their_defaults_keep_the_old_folders(compose_cfg):
     cfg = compose_cfg("model=tiny-random", "task=needle")
     old = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("cuda_dtype", "prompt_format", "add_bos", "max_prompt_len"):
+    for key in ("cuda_dtype", "prompt_format", "add_bos", "max_prompt_len", "plan_len_cap", "special_tokens"):
         del old["model"][key]
     for key in ("haystack_file", "length_unit", "key_digits"):
         del old["task"][key]
@@ -227,6 +230,7 @@ def test_new_options_at_their_defaults_keep_the_old_folders(compose_cfg):
 
 @pytest.mark.parametrize("override", ["model.cuda_dtype=float16", "model.prompt_format=raw", "model.add_bos=true",
                                       "model.max_prompt_len=4000", "task.length_unit=words", "task.key_digits=6",
+                                      "model.plan_len_cap=4000", "model.special_tokens=keep",
                                       "protocol=paper", "haystack_file=/data/essays"])
 def test_every_protocol_item_changes_the_folder(compose_cfg, override):
     base = compose_cfg("model=tiny-random", "task=needle")
@@ -263,7 +267,8 @@ def test_the_protocol_hash_holds_the_model_rules_but_not_skip_layers(compose_cfg
     assert protocol() == {"task": "longbench"}  # neutral rules: the hash runs had before
     paper = protocol("+experiment=paper_protocol")
     assert paper["model_rules"] == {"cuda_dtype": "float16", "prompt_format": "vicuna", "add_bos": True,
-                                    "max_prompt_len": 31500, "chat_template": True}
+                                    "max_prompt_len": 31500, "plan_len_cap": None, "special_tokens": "keep",
+                                    "chat_template": True}
     assert stable_hash(paper) != stable_hash(protocol())
     assert stable_hash(protocol("model.cuda_dtype=float16")) != stable_hash(protocol())
     assert protocol("+experiment=paper_protocol", "skip_layers=0") == paper  # full KV and methods stay comparable

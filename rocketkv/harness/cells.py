@@ -36,8 +36,10 @@ def metrics_name(shard: tuple[int, int] | None) -> str:
 # Options added after results existed: left out of the hash while they keep these values (which give the earlier
 # behaviour), so earlier results keep their folders; any other value is hashed like every other option.
 LATER_OPTIONS = {
-    "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None},
-    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None},
+    "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None,
+              "plan_len_cap": None, "special_tokens": "skip"},
+    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None,
+             "metric": None, "turn_format": "raw", "plan_length": "conversation", "last_answer_token": "fed"},
 }
 
 
@@ -118,21 +120,38 @@ def method_options(cfg: DictConfig) -> dict:
     return opts
 
 
+# Run-level method options (null: each method's own value), applied to every compressed method of a run, grid
+# cells included: (what is valid, the message's hint).  ``window``/``decode_last_prompt_token`` hold SCBench's
+# official values under the paper protocol (conf/protocol_task/paper/scbench.yaml).
+RUN_METHOD_OPTIONS = {
+    "skip_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (the first layers kept dense by every "
+                                                     "compressed method)"),
+    "window": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (the observation window of every compressed "
+                                                "method)"),
+    "decode_last_prompt_token": (lambda v: isinstance(v, bool), "true or false (false: a prompt's or turn's last "
+                                                                "token is prefilled with the rest)"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def with_run_options(cfg: DictConfig) -> DictConfig:
-    """The cell's config with the run-level method options applied: ``skip_layers`` (when set) to every
-    compressed method, so a grid's cells and a separate run of each get the same method (and folder)."""
-    skip = cfg.get("skip_layers", None)
-    if skip is None:
-        return cfg
-    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-        raise ValueError(f"skip_layers={skip!r} is not valid; give an integer >= 0 (the first layers kept dense by "
-                         "every compressed method), or null for each method's own value")
+    """The cell's config with the run-level method options applied (when set) to every compressed method, so a
+    grid's cells and a separate run of each get the same method (and folder)."""
+    given = {key: cfg.get(key, None) for key in RUN_METHOD_OPTIONS if cfg.get(key, None) is not None}
+    for key, value in given.items():
+        valid, hint = RUN_METHOD_OPTIONS[key]
+        if not valid(value):
+            raise ValueError(f"{key}={value!r} is not valid; give {hint}, or null for each method's own value")
     method = METHODS.get(cfg.method.name)
-    if method is None or not method.uses_budget:  # unknown: make_method names it; full KV: nothing to skip
+    if not given or method is None or not method.uses_budget:  # unknown: make_method names it; full KV: nothing
         return cfg
     cfg = copy.deepcopy(cfg)
-    with open_dict(cfg.method):  # a method file need not list skip_layers (every method has it)
-        cfg.method.skip_layers = skip
+    with open_dict(cfg.method):  # a method file need not list these options (every method has them)
+        for key, value in given.items():
+            cfg.method[key] = value
     return cfg
 
 
@@ -171,8 +190,9 @@ def grid_configs(cfg: DictConfig) -> list[DictConfig]:
 def plan_shape(sample: Sample, rows: list[list[int]]) -> tuple[int, int]:
     """The (prompt length, new tokens) a sample's plan is made for: its prompt's.  For a conversation (``rows``
     are its turns' token ids) the whole conversation: every turn and every answer but the last count as the prompt,
-    so a plan is dense only when it covers every token any turn can see."""
-    if sample.turns:
+    so a plan is dense only when it covers every token any turn can see; or, with ``sample.plan_first_turn``
+    (SCBench's official runs), the first turn and one answer."""
+    if sample.turns and not sample.plan_first_turn:
         return sum(len(r) for r in rows) + (len(rows) - 1) * sample.max_new_tokens, sample.max_new_tokens
     return len(rows[0]), sample.max_new_tokens
 

@@ -39,9 +39,11 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
             if i:
                 session.next_turn(cache, len(feed), new)
             logits, t_prefill = prefill(model, [feed], cache, split and len(feed) >= 2)
-            decoding = decode(model, tokenizer, logits, cache, new, sample.stop, task.ignore_eos, graphs)
+            decoding = decode(model, tokenizer, logits, cache, new, sample.stop, task.ignore_eos, graphs,
+                              spec.special_tokens)
             tokens = decoding.tokens[0]
-            unfed = tokens[decoding.steps:]  # the last answer token, unless the answer ended at EOS
+            # the last answer token, unless the answer ended at EOS (or the task drops it)
+            unfed = tokens[decoding.steps:] if task.feed_last_answer_token else []
             text = decoding.texts[0]
             done.append({"turn": i, "prompt_tokens": len(feed), "prediction": text, "references": turn.references,
                          "score": task.score_turn(sample, i, text), "new_tokens": len(tokens),

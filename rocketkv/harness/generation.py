@@ -81,11 +81,13 @@ def prefill(model, rows: list[list[int]], cache, split_last: bool) -> tuple[torc
 
 @torch.inference_mode()
 def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, stop: list[str] | None = None,
-           ignore_eos: bool = False, cuda_graphs: bool = False) -> Decoding:
+           ignore_eos: bool = False, cuda_graphs: bool = False, special_tokens: str = "skip") -> Decoding:
     """Greedy tokens from ``logits`` (``[B, V]``) on, per row until EOS (unless ``ignore_eos``), a stop string (cut
     from the text) or ``max_new_tokens``; the batch stops when every row has.  The first token comes from
     ``logits``; the timed loop runs one forward per later token.  With nothing to check per token (``ignore_eos``,
-    no stop strings) the loop reads nothing back to the host until it ends."""
+    no stop strings) the loop reads nothing back to the host until it ends.  ``special_tokens="keep"`` keeps
+    special tokens (other than the EOS that ended a row, which is not in it) in the text, as the official runs'
+    ``tokenizer.decode`` does; stop strings are looked for in the text without them either way."""
     eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
     stop = [s for s in stop or [] if s]
     step = DecodeStep(model, cache, cache_kwarg(model), graphs=cuda_graphs)
@@ -100,7 +102,7 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, s
             tokens = out.tolist()
         else:
             tokens = _decode_checked(step, logits.argmax(-1), tokenizer, max_new_tokens, stop, eos)
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+    texts = [tokenizer.decode(row, skip_special_tokens=special_tokens != "keep") for row in tokens]
     if stop:
         texts = [cut_at_stop(text, stop)[0] for text in texts]
     return Decoding(tokens, texts, t.seconds, step.steps, step.setup_seconds, step.setup_steps, step.kernels_per_step)

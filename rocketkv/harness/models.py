@@ -40,6 +40,8 @@ class ModelSpec:
     prompt_format: str = "chat_template"  # how chat-task prompts are built (evals.prompting.PromptFormat)
     add_bos: str | bool = "auto"  # whether the tokenizer adds BOS to chat-task prompts
     max_prompt_len: int | None = None  # cap of the templated prompt (middle truncation); also caps S for plans
+    plan_len_cap: int | None = None  # cap of S for budget plans (the official model_max_len); null: the one above
+    special_tokens: str = "skip"  # skip | keep: special tokens in the decoded answer text (official runs keep them)
     seed: int = 0  # tiny_random only
     arch: str = "llama"  # tiny_random only: llama | llama_mha | qwen2 | mistral
     architecture: dict | None = None  # random_weights only: the transformers config's numbers
@@ -64,6 +66,12 @@ class ModelSpec:
             raise ValueError(f"model.max_prompt_len={self.max_prompt_len} exceeds model.max_len={self.max_len}; "
                              f"use a cap <= {self.max_len}, or null")
         self.prompt_rules()  # checks prompt_format, add_bos and max_prompt_len
+        cap = self.plan_len_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or not 2 <= cap <= self.max_len):
+            raise ValueError(f"model.plan_len_cap={cap!r} is not valid; give a number of tokens from 2 to "
+                             f"model.max_len={self.max_len}, or null")
+        if self.special_tokens not in ("skip", "keep"):
+            raise ValueError(f"model.special_tokens={self.special_tokens!r} is not valid; use skip or keep")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -82,7 +90,7 @@ class ModelSpec:
     @property
     def plan_max_len(self) -> int:
         """The cap of the sequence length S the methods plan their budgets for: min(prompt + new tokens, this)."""
-        return self.max_prompt_len or self.max_len
+        return self.plan_len_cap or self.max_prompt_len or self.max_len
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "ModelSpec":

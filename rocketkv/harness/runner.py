@@ -95,8 +95,8 @@ def run(cfg: DictConfig) -> list[dict]:
     if all(finished):
         for cell, metrics in zip(cells, finished):
             restore_cell_config(cell)
-            print(f"{cell.label}: already complete, score {metrics['score']:.2f} over {metrics['n_samples']} samples "
-                  f"-> {cell.out_dir}")
+            print(f"{cell.label}: already complete, score {metrics['score']:.2f}{task.metrics_line(metrics)} over "
+                  f"{metrics['n_samples']} samples -> {cell.out_dir}")
         return finished
     check_output_dir(cfg.output_dir)
     check_memory(spec)
@@ -154,8 +154,8 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
 
         update_leaderboard(cfg.output_dir, plots=False)
     for cell, metrics in zip(cells, results):
-        print(f"{cell.label}: {task.score_name} {metrics['score']:.2f} over {metrics['n_samples']} samples "
-              f"-> {cell.out_dir}")
+        print(f"{cell.label}: {task.score_name} {metrics['score']:.2f}{task.metrics_line(metrics)} over "
+              f"{metrics['n_samples']} samples -> {cell.out_dir}")
     table = task.summary(results)
     if table:
         print(table)

@@ -92,7 +92,8 @@ def run_sample(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[lis
         prefill_peak = mem.read()
         mem.reset()
         decoding = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos,
-                          use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config)))
+                          use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config)),
+                          spec.special_tokens)
         decode_peak = mem.read()
     memory = Memory(_peak(mem, prefill_peak, decode_peak), decode_peak, mem.source)
     return sample_record(sample, rows, Decoded(decoding, t_prefill, session.release(), memory), plan, task)
@@ -157,7 +158,8 @@ def decode_forked(model, tokenizer, spec: ModelSpec, sample: Sample, rows: list[
         fork_peak = mem.read()
         mem.reset()
         decoding = decode(model, tokenizer, logits, cache, sample.max_new_tokens, sample.stop, task.ignore_eos,
-                          use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config)))
+                          use_cuda_graphs(cell.method.cuda_graphs, model.device, rope_types(model.config)),
+                          spec.special_tokens)
         decode_peak = mem.read()
     stats = session.release()
     del cache, logits

@@ -10,9 +10,14 @@ from rocketkv.core.methods.ops import (attend_indices, covers_sequence, mean_cou
 
 
 def sparq_temperature(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """``sqrt(d · ‖q_I‖₁ / ‖q‖₁)`` per head; ``channels`` indexes the last axis of ``q``."""
+    """``sqrt(d · ‖q_I‖₁ / ‖q‖₁)`` per head; ``channels`` indexes the last axis of ``q``.
+
+    A head whose ``q_I`` is all zero (an all-zero query, e.g. from an all-zero embedding row) gets 1: its
+    approximate logits are all 0 then, so any positive temperature gives the same uniform scores (and a tie cut at
+    the lowest slots), where 0 would give 0/0 = NaN and select nothing."""
     abs_q = q.float().abs()
-    return torch.sqrt(q.shape[-1] * abs_q.gather(-1, channels).sum(-1) / abs_q.sum(-1).clamp_min(1e-30))
+    tau = torch.sqrt(q.shape[-1] * abs_q.gather(-1, channels).sum(-1) / abs_q.sum(-1).clamp_min(1e-30))
+    return torch.where(tau > 0, tau, torch.ones_like(tau))
 
 
 @register
