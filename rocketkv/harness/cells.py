@@ -176,6 +176,7 @@ def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, lis
     valid, errors = [], []
     for cell in cells:
         try:
+            cell.method.check_shape(shape.num_layers, shape.num_kv_heads)
             for n, new_tokens in shapes:
                 cell.plan(n, new_tokens, shape, model_max_len)
             valid.append(cell)
