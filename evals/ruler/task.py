@@ -10,6 +10,7 @@ from evals.ruler.cache import SampleCache, tokenizer_fingerprint
 from evals.ruler.common_words import CommonWordsGenerator
 from evals.ruler.freq_words import FreqWordsGenerator
 from evals.ruler.generation import generate_samples
+from evals.ruler.niah import niah_template
 from evals.ruler.haystack import prose_sha256
 from evals.ruler.metrics import METRICS
 from evals.ruler.niah import NiahGenerator
@@ -66,9 +67,25 @@ def parse_tasks(value: Any) -> tuple[list[str], bool]:
     return [n for n in TASKS if n in names], True
 
 
+def with_questions(samples: list[Sample]) -> list[Sample]:
+    """Each sample with its ``question``: its prompt from the last occurrence of the template's fixed text after
+    ``{context}`` (every RULER template has some) on."""
+    for s in samples:
+        templates = [family_of(s.subtask).template]
+        if TASKS[s.subtask].family == "niah":
+            templates.append(niah_template(single_answer=True)[0])  # one needle: the question in the singular
+        tails = [t.split("{context}", 1)[1] for t in templates]
+        start = max(s.prompt.rfind(t.split("{", 1)[0]) for t in tails)
+        if start < 0:
+            raise ValueError(f"RULER sample {s.id!r}: its prompt does not hold its template's question {tails[0]!r}")
+        s.question = s.prompt[start:]
+    return samples
+
+
 class RulerTask(Task):
     name = "ruler"
     limit_scope = "subtask"
+    splits_questions = True  # the template's part after {context}
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -150,12 +167,12 @@ class RulerTask(Task):
         if self.cache is not None:
             cached = self.cache.load(key)
             if cached is not None:
-                return cached
+                return with_questions(cached)
         log.info("RULER: generating %d samples of %s at %d tokens", self.num_samples, task, length)
         samples = self.generate(task, length, tokenizer)
         if self.cache is not None:
             self.cache.store(key, samples)
-        return samples
+        return with_questions(samples)
 
     def generate(self, task: str, length: int, tokenizer: Any) -> list[Sample]:
         spec = TASKS[task]

@@ -36,7 +36,8 @@ def metrics_name(shard: tuple[int, int] | None) -> str:
 # behaviour), so earlier results keep their folders; any other value is hashed like every other option.
 LATER_OPTIONS = {
     "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None},
-    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None},
+    "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None,
+             "query_aware": True},
 }
 
 
@@ -53,7 +54,7 @@ def run_protocol(task_protocol: dict, spec) -> dict:
 def _hashed(node: DictConfig, group: str) -> dict:
     out = OmegaConf.to_container(node, resolve=True)
     for key, neutral in LATER_OPTIONS[group].items():
-        if key in out and out[key] == neutral and not isinstance(out[key], bool):
+        if key in out and out[key] == neutral and isinstance(out[key], bool) == isinstance(neutral, bool):
             out.pop(key)
     return out
 
@@ -92,7 +93,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.cfg.task.name}/{self.model_name}/{self.name}@{self.budget or 'full'}"
+        return f"{task_folder(self.cfg.task)}/{self.model_name}/{self.name}@{self.budget or 'full'}"
 
     def plan(self, prompt_len: int, max_new_tokens: int, shape: AttentionShape, model_max_len: int) -> dict:
         """The method's plan for a sample of these lengths, computed once per shape."""
@@ -101,6 +102,15 @@ class Cell:
             self.plans[key] = self.method.plan(prompt_len, max_new_tokens, shape.head_dim, model_max_len,
                                                group_size=shape.group_size)
         return self.plans[key]
+
+
+QUERY_AGNOSTIC = ".query_agnostic"
+
+
+def task_folder(task_cfg: DictConfig) -> str:
+    """The task's folder under ``runs/``: its name, with ``.query_agnostic`` in the query-agnostic mode, so the two
+    modes never share a folder, a reference run or a table."""
+    return task_cfg.name if task_cfg.get("query_aware", True) is not False else task_cfg.name + QUERY_AGNOSTIC
 
 
 def method_options(cfg: DictConfig) -> dict:
@@ -131,7 +141,7 @@ def make_cell(cfg: DictConfig, model_name: str, shard: tuple[int, int] | None) -
     cfg = with_run_options(cfg)
     method = make_method(cfg.method.name, budget=cfg.budget, **method_options(cfg))  # fails before any loading
     chash = config_hash(cfg, method.uses_budget)
-    out_dir = run_dir(cfg.output_dir, cfg.task.name, model_name, method.name, method.budget, chash)
+    out_dir = run_dir(cfg.output_dir, task_folder(cfg.task), model_name, method.name, method.budget, chash)
     return Cell(cfg, method, out_dir, PredictionLog(out_dir / predictions_name(shard)), chash, model_name)
 
 
@@ -163,8 +173,8 @@ def plan_shape(sample: Sample, rows: list[list[int]]) -> tuple[int, int]:
     """The (prompt length, new tokens) a sample's plan is made for: its prompt's.  For a conversation (``rows``
     are its turns' token ids) the whole conversation: every turn and every answer but the last count as the prompt,
     so a plan is dense only when it covers every token any turn can see."""
-    if sample.turns:
-        return sum(len(r) for r in rows) + (len(rows) - 1) * sample.max_new_tokens, sample.max_new_tokens
+    if sample.turns:  # a row may hold the context alone (query-agnostic): answers follow the turns only
+        return sum(len(r) for r in rows) + (len(sample.turns) - 1) * sample.max_new_tokens, sample.max_new_tokens
     return len(rows[0]), sample.max_new_tokens
 
 
