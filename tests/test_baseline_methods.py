@@ -4,6 +4,7 @@ lower position, then the lower head, in the library and here alike), each decode
 tokens the method says it attends; then end to end on a tiny model: a plan that keeps everything gives stock
 ``generate``'s tokens, eviction decodes exactly over what is kept, and the budget mappings are the papers'."""
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -347,3 +348,27 @@ def test_a_decode_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch, met
         m.index(layer, plan, upto)
         out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), upto, plan, d ** -0.5)
     assert out.shape == (b, hkv, g, d) and 0 < float(cost.attended) <= layer.stored
+
+
+def test_grid_from_the_shared_prefill_equals_separate_runs(compose_cfg, tmp_path):
+    """The four methods run in a grid from one dense prefill per sample, each cell equal to its separate run
+    (DuoAttention with a generated pattern for tiny-random's 4 layers x 2 KV heads)."""
+    from test_runner import TINY, read_predictions
+    from rocketkv.harness.runner import run as run_cfg
+
+    duo = [f"method.pattern_file={duo_file(tmp_path)}", "method.sink=4", "method.recent=28"]
+    methods = ["full", "streamingllm", "pyramidkv", "adakv", "duoattention"]
+    grid = run_cfg(compose_cfg(*TINY, f"output_dir={tmp_path / 'grid'}", "limit=2", "method=duoattention", *duo,
+                               f"grid.methods=[{','.join(methods)}]", "grid.budgets=[160]"))
+    assert len(grid) == len(methods)
+    for cell in grid:
+        info = cell["run"]
+        budget = [] if info["budget"] is None else [f"budget={info['budget']}"]
+        [alone] = run_cfg(compose_cfg(*TINY, f"output_dir={tmp_path / 'alone'}", "limit=2",
+                                      f"method={info['method']}", *budget, *(duo if info["method"] == "duoattention"
+                                                                             else [])))
+        keep = ("id", "prediction", "new_tokens", "stats", "budget_params")
+        grid_rows, alone_rows = (read_predictions(Path(m["run"]["results_dir"])) for m in (cell, alone))
+        assert [{k: r[k] for k in keep} for r in grid_rows] == [{k: r[k] for k in keep} for r in alone_rows]
+        if info["method"] != "full":
+            assert not grid_rows[-1]["budget_params"]["dense"]
