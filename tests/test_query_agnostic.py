@@ -57,16 +57,24 @@ def test_longbench_and_ruler_questions_follow_their_templates():
         assert len(sample.question) < 300 < len(sample.prompt)
 
 
-@pytest.mark.parametrize("task", ["needle", "multiturn"])
+RUNS = {
+    "needle": NEEDLE,
+    "multiturn": ["model=tiny-random", "task=multiturn", "task.lengths=[400]", "task.repeats=2"],
+    # lcc: no question, its instruction after the context is fed late
+    "longbench": ["model=tiny-random", "task=longbench", f"task.data_dir={REPO / 'tests' / 'fixtures' / 'longbench'}",
+                  "task.subsets=[hotpotqa,lcc]", "limit=1"],
+}
+
+
+@pytest.mark.parametrize("task", list(RUNS))
 def test_full_kv_answers_identically_in_both_modes(compose_cfg, tmp_path, task):
-    args = NEEDLE if task == "needle" else ["model=tiny-random", "task=multiturn", "task.lengths=[400]", "task.repeats=2",
-                                             "progress=false", "update_leaderboard=false"]
+    args = [*RUNS[task], "progress=false", "update_leaderboard=false"]
     [aware] = run(compose_cfg(*args, f"output_dir={tmp_path}", "method=full"))
     [agnostic] = run(compose_cfg(*args, f"output_dir={tmp_path}", "method=full", AGNOSTIC))
     a, b = predictions(aware), predictions(agnostic)
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b] and len(a) >= 2
     assert [r["prompt_tokens"] for r in a] == [r["prompt_tokens"] for r in b]
-    if task == "needle":
+    if task != "multiturn":
         assert all(0 < r["context_tokens"] < r["prompt_tokens"] for r in b)
     assert Path(aware["run"]["results_dir"]).parts[-5] == task
     assert Path(agnostic["run"]["results_dir"]).parts[-5] == f"{task}.query_agnostic"
