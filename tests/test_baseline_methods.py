@@ -372,3 +372,22 @@ def test_grid_from_the_shared_prefill_equals_separate_runs(compose_cfg, tmp_path
         assert [{k: r[k] for k in keep} for r in grid_rows] == [{k: r[k] for k in keep} for r in alone_rows]
         if info["method"] != "full":
             assert not grid_rows[-1]["budget_params"]["dense"]
+
+
+@pytest.mark.parametrize("method,budget,opts", [("streamingllm", 24, {}), ("pyramidkv", 192, {}),
+                                                ("adakv", 48, {}), ("duoattention", 40, {"sink": 4, "recent": 12}),
+                                                ("duoattention", 16, {})])
+def test_a_replayed_step_equals_the_eager_loop(tmp_path, method, budget, opts):
+    """The emulated CUDA-graph replay of ``test_decode_step`` (host state frozen at the first step): the sliding
+    windows and per-head masks come from device counters only."""
+    from test_decode_step import MAX_NEW, FrozenHostReplay, greedy
+    from rocketkv.core.graphs import DecodeStep
+
+    if method == "duoattention":  # t = 40: floor(8 * 24 / (102 - 16)) = 2 retrieval heads; t = 16: all stream
+        opts = {**opts, "pattern_file": duo_file(tmp_path)}
+    eager_tokens, eager_stats = greedy(DecodeStep, method, budget, opts)
+    replay_tokens, replay_stats = greedy(FrozenHostReplay, method, budget, opts)
+    assert replay_tokens == eager_tokens and replay_stats == eager_stats
+    assert eager_stats["decode_steps"] == MAX_NEW
+    if method == "streamingllm" or budget == 16:  # every head streams: no step attends more than t
+        assert eager_stats["attended_tokens"] == budget
