@@ -84,7 +84,8 @@ def main():
     n = max((m["n_samples"] for m in results), default=0)
     mode = "query-agnostic" if args.query_agnostic else "query-aware"
     print(f"\nmodel={args.model} needle ({mode}) lengths={args.lengths} depths={len(args.depths)} "
-          f"haystack={args.haystack}: {n} prompts per cell, {len(results)} cells, wall {wall:.0f} s (one prefill per prompt)")
+          f"haystack={args.haystack}: {n} prompts per cell, {len(results)} cells, wall {wall:.0f} s "
+          "(one prefill per prompt)")
     if full is not None:
         print(f"full KV: {full['score']:.1f}")
     header = f"{'method':<13}" + "".join(f"{f'@{b}':>8}" for b in args.budgets)

@@ -93,7 +93,9 @@ def test_streamingllm_budget_must_exceed_the_sinks():
 def test_duoattention_budget_mapping(tmp_path):
     scores = torch.rand(4, 2, generator=_gen(0)).tolist()  # 8 heads
     path = pattern_file(tmp_path, scores)
-    plan = lambda t, n=16000, new=128: make_method("duoattention", t, pattern_file=str(path)).plan(n, new, 128)  # noqa: E731
+    def plan(t, n=16000, new=128):
+        return make_method("duoattention", t, pattern_file=str(path)).plan(n, new, 128)
+
     # t > 640: streaming heads 128 + 512, retrieval share so that the mean traffic is t: (t - 640) / (S - 640)
     p = plan(4096)
     assert (p["sink"], p["recent"]) == (128, 512)
@@ -167,7 +169,8 @@ def test_duoattention_bad_pattern_files_name_the_file_and_the_shape(tmp_path):
         make_method("duoattention", 256, pattern_file=str(words))
     model = peaky_model()  # 4 layers x 2 KV heads
     wrong = pattern_file(tmp_path, [[0.5, 0.5, 0.5]] * 4, "wrong.tsv")
-    with pytest.raises(ValueError, match=r"wrong.tsv has 4 layers x 3 KV heads; this model needs 4 layers x 2 KV heads"):
+    with pytest.raises(ValueError, match=r"wrong.tsv has 4 layers x 3 KV heads; this model needs 4 layers x 2 KV "
+                                         r"heads"):
         with compress(model, "duoattention", 256, pattern_file=str(wrong)):
             pass
 

@@ -122,5 +122,6 @@ def test_debug_shows_the_traceback():
     assert out.returncode != 0 and "Traceback" in out.stderr and "method/nope" in out.stderr
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and out.stderr.strip() == \
-        "error: unknown method 'nope'; valid: adakv, duoattention, full, hsa, pyramidkv, quest, rocketkv, rocketkv_mt, snapkv, sparq, streamingllm, topk"
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: unknown method 'nope'; valid: adakv, duoattention, full, hsa, pyramidkv, quest, rocketkv, "
+        "rocketkv_mt, snapkv, sparq, streamingllm, topk")

@@ -53,7 +53,8 @@ def test_longbench_and_ruler_questions_follow_their_templates():
     task = RulerTask({"tasks": ["niah_single_1", "vt", "qa_1"], "num_samples": 1, "max_seq_length": [1024],
                       "qa_dir": str(REPO / "tests" / "fixtures" / "ruler_qa"), "qa_hub": False, "use_cache": False})
     for sample in task.samples(tok, 8192):
-        assert sample.prompt.endswith(sample.question) and sample.question.lstrip().startswith(("What", "Question", "Answer the question"))
+        assert sample.prompt.endswith(sample.question)
+        assert sample.question.lstrip().startswith(("What", "Question", "Answer the question"))
         assert len(sample.question) < 300 < len(sample.prompt)
 
 

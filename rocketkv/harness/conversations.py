@@ -55,7 +55,8 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
     scores = [t["score"] for t in done]
     return {
         "id": sample.id, "subtask": sample.subtask, "meta": sample.meta,
-        "prompt_tokens": sum(map(len, context)) + sum(t["prompt_tokens"] for t in done), "prediction": [t["prediction"] for t in done],
+        "prompt_tokens": sum(map(len, context)) + sum(t["prompt_tokens"] for t in done),
+        "prediction": [t["prediction"] for t in done],
         "references": [t["references"] for t in done], "score": sum(scores) / len(scores),
         "new_tokens": sum(t["new_tokens"] for t in done), "time_prefill_s": sum(t["time_prefill_s"] for t in done),
         "time_decode_s": sum(t["time_decode_s"] for t in done), "peak_mem_bytes": _peak(mem, *peaks),

@@ -53,7 +53,8 @@ class AdaKV(Method):
             raise ValueError(f"budget={self.budget} is below the observation window w={self.window}; use budget >= "
                              f"{self.window} or a smaller window")
         prefix = self.budget - self.window
-        return {"prompt_budget": self.budget, "prefix_per_head": prefix, "floor_per_head": math.floor(self.alpha * prefix + 1e-9),
+        return {"prompt_budget": self.budget, "prefix_per_head": prefix,
+                "floor_per_head": math.floor(self.alpha * prefix + 1e-9),
                 "kernel_size": pool_kernel(self.kernel_size, self.adaptive_kernel_sizes, prompt_len),
                 "dense": prompt_len <= self.budget}
 

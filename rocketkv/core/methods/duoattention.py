@@ -87,8 +87,8 @@ class DuoAttention(Method):
     def check_shape(self, num_layers: int, num_kv_heads: int) -> None:
         if tuple(self._scores.shape) != (num_layers, num_kv_heads):
             rows, cols = self._scores.shape
-            raise ValueError(f"method 'duoattention': pattern_file {pattern_path(self.pattern_file)} has {rows} layers x "
-                             f"{cols} KV heads; this model needs {num_layers} layers x {num_kv_heads} KV heads")
+            raise ValueError(f"method 'duoattention': pattern_file {pattern_path(self.pattern_file)} has {rows} "
+                             f"layers x {cols} KV heads; this model needs {num_layers} layers x {num_kv_heads} KV heads")
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         t, heads = self.budget, self._scores.numel()

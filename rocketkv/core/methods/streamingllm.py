@@ -28,7 +28,8 @@ def keep_sink_and_recent(layer, prompt_len: int, sink: int, recent: int) -> None
         return
     b, hkv = layer.keys.shape[:2]
     device = layer.keys.device
-    slots = torch.cat([torch.arange(sink, device=device), torch.arange(prompt_len - recent, layer.stored, device=device)])
+    slots = torch.cat([torch.arange(sink, device=device),
+                       torch.arange(prompt_len - recent, layer.stored, device=device)])
     layer.keep(slots.expand(b, hkv, -1))
 
 

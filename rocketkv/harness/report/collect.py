@@ -38,8 +38,8 @@ SAMPLE_COLUMNS = [
     "time_prefill_s", "time_decode_s", "peak_mem_bytes", *STAT_COLUMNS, "protocol_hash", "code_version",
 ]
 RUN_COLUMNS = [
-    *RUN_KEYS, "query_aware", "score", "score_source", "n_samples", "n_predictions", "n_expected", "complete", "n_shards",
-    "missing_shards", *STAT_COLUMNS, "prefill_s_mean", "decode_s_mean", "decode_tokens_per_s",
+    *RUN_KEYS, "query_aware", "score", "score_source", "n_samples", "n_predictions", "n_expected", "complete",
+    "n_shards", "missing_shards", *STAT_COLUMNS, "prefill_s_mean", "decode_s_mean", "decode_tokens_per_s",
     "peak_mem_bytes_max", "protocol_hash", "code_version", "path",
 ]
 
