@@ -109,7 +109,7 @@ class Task(ABC):
                              "prompts split into context and question (needle, longbench, ruler, multiturn)")
         return value
 
-    def run_protocol(self) -> dict:
+    def hashed_protocol(self) -> dict:
         """``protocol()``, plus the query-agnostic mode when it is on (so the two modes never share a protocol)."""
         return self.protocol() if self.query_aware else {**self.protocol(), "query_aware": False}
 

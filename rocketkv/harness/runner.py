@@ -167,8 +167,8 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
     shard = options.shard
     run_info = {"task": cell.cfg.task.name, "model": spec.name, "method": cell.name, "budget": cell.budget,
                 "reference": cell.method.is_reference, "config_hash": cell.config_hash,
-                "protocol_hash": stable_hash(run_protocol(task.run_protocol(), spec)),
-                "protocol": run_protocol(task.run_protocol(), spec), "code_version": code_version(),
+                "protocol_hash": stable_hash(run_protocol(task.hashed_protocol(), spec)),
+                "protocol": run_protocol(task.hashed_protocol(), spec), "code_version": code_version(),
                 "complete": len(records) == len(wanted), "n_expected": len(wanted),
                 "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
                 "limit": options.limit}
