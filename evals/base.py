@@ -44,6 +44,9 @@ class Sample:
     turns: list[Turn] | None = None
     # a conversation's budget plan: from the first turn and one answer (SCBench's official runs), else the whole
     plan_first_turn: bool = False
+    # the end of ``prompt`` after the context (the question, and any instruction after the context): what the
+    # query-agnostic mode (``task.query_aware=false``) feeds only after the context's cache is compressed
+    question: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +92,9 @@ class Task(ABC):
     # A conversation's next turn starts with the previous answer's last token, which the decode loop generated but
     # never fed (False: dropped, as SCBench's official runs do).
     feed_last_answer_token: bool = True
+    # Its prompts can be split into context and question (``Sample.question``, or a conversation's context): the
+    # task takes ``task.query_aware=false``.
+    splits_questions: bool = False
     # How the model builds prompts (``evals.prompting.PromptFormat``), set by the runner before ``samples``; a task
     # that sizes its prompts in tokens (RULER) counts them this way.  None: the default rules.
     prompt_format: Any = None
@@ -98,6 +104,22 @@ class Task(ABC):
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    @property
+    def query_aware(self) -> bool:
+        """``task.query_aware`` (default true): the question is in the prompt when the cache is compressed.  False:
+        the context is prefilled and compressed first, then the question is fed on the compressed cache."""
+        value = self.cfg.get("query_aware", True) if hasattr(self.cfg, "get") else True
+        if not isinstance(value, bool):
+            raise ValueError(f"task.query_aware={value!r} is not valid; use true or false")
+        if not value and not self.splits_questions:
+            raise ValueError(f"task.query_aware=false is not supported by task={self.name}; it is for tasks whose "
+                             "prompts split into context and question (needle, longbench, ruler, multiturn)")
+        return value
+
+    def hashed_protocol(self) -> dict:
+        """``protocol()``, plus the query-agnostic mode when it is on (so the two modes never share a protocol)."""
+        return self.protocol() if self.query_aware else {**self.protocol(), "query_aware": False}
 
     def validate(self, model_max_len: int) -> None:
         """Raise ``ValueError`` for settings that cannot work with this model, before any model is loaded."""

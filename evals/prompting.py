@@ -159,14 +159,37 @@ def prompt_rows(tokenizer: Any, sample: Sample, model_chat: bool, model_max_len:
     return [prompt_token_ids(tokenizer, sample, model_chat, model_max_len, fmt)]
 
 
-def conversation_token_ids(tokenizer: Any, sample: Sample, model_max_len: int) -> list[list[int]]:
+def context_length(tokenizer: Any, ids: list[int], sample: Sample) -> int:
+    """How many of the prompt's ``ids`` come before its question (``sample.question``, the end of its text): the
+    largest ``k`` whose suffix ``ids[k:]`` still decodes to text holding the whole question.  The split is made on
+    the final ids (template, BOS and truncation included), so both modes feed exactly the same tokens."""
+    wanted = sample.question.strip()
+    decode = lambda k: tokenizer.decode(ids[k:], skip_special_tokens=False,  # noqa: E731
+                                        clean_up_tokenization_spaces=False)
+    if not wanted or wanted not in decode(0):
+        raise ValueError(f"sample {sample.id!r}: its prompt has no question part the query-agnostic mode can split "
+                         "off (task.query_aware=false); its task gives none, or truncation cut it")
+    low, high = 0, len(ids)  # decode(low) holds the question, decode(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if wanted in decode(mid) else (low, mid)
+    if low < 1:
+        raise ValueError(f"sample {sample.id!r}: its prompt is all question; the query-agnostic mode needs a context")
+    return low
+
+
+def conversation_token_ids(tokenizer: Any, sample: Sample, model_max_len: int,
+                           context_alone: bool = False) -> list[list[int]]:
     """Token ids of each turn of a conversation: the first holds the context and the first turn's text, the
     others their turn's text only (each is fed after the previous answer).  Raw text, no chat template.  The
-    context is truncated in the middle so that every turn and every answer (``max_new_tokens`` each) fits."""
+    context is truncated in the middle so that every turn and every answer (``max_new_tokens`` each) fits.
+    ``context_alone`` (the query-agnostic mode): the context is a row of its own, before the first turn's."""
     turns = [tokenizer(t.prompt, add_special_tokens=False).input_ids for t in sample.turns]
     context = tokenizer(sample.prompt, add_special_tokens=True).input_ids
     room = model_max_len - sum(len(t) for t in turns) - len(turns) * sample.max_new_tokens
     if room < 1:
         raise ValueError(f"sample {sample.id!r}: its {len(turns)} turns and their answers do not fit the model's max "
                          f"length {model_max_len}")
+    if context_alone:
+        return [truncate_middle(context, room), *turns]
     return [truncate_middle(context, room) + turns[0], *turns[1:]]

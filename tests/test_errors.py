@@ -124,8 +124,9 @@ def test_debug_shows_the_traceback():
     assert out.returncode != 0 and "Traceback" in out.stderr and "method/nope" in out.stderr
     out = subprocess.run([sys.executable, "run_eval.py", "method=nope"], cwd=REPO, capture_output=True, text=True,
                          timeout=SUBPROCESS_TIMEOUT)
-    assert out.returncode == 2 and out.stderr.strip() == \
-        "error: unknown method 'nope'; valid: full, hsa, quest, rocketkv, rocketkv_mt, snapkv, sparq, topk"
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: unknown method 'nope'; valid: adakv, duoattention, full, hsa, pyramidkv, quest, rocketkv, "
+        "rocketkv_mt, snapkv, sparq, streamingllm, topk")
 
 
 # ---------------------------------------------------------------- what a new user hit (issue 31)

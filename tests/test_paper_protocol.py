@@ -220,7 +220,7 @@ def test_new_options_at_their_defaults_keep_the_old_folders(compose_cfg):
     old = OmegaConf.to_container(cfg, resolve=True)
     for key in ("cuda_dtype", "prompt_format", "add_bos", "max_prompt_len", "plan_len_cap", "special_tokens"):
         del old["model"][key]
-    for key in ("haystack_file", "length_unit", "key_digits"):
+    for key in ("haystack_file", "length_unit", "key_digits", "query_aware"):
         del old["task"][key]
     model = {k: v for k, v in old["model"].items() if k not in ("device", "path")}
     method = {k: v for k, v in old["method"].items() if k not in ("cuda_graphs", "compile")}

@@ -125,5 +125,11 @@ def build_prompt(subset: str, context: str, question: str) -> str:
     return PROMPT_TEMPLATES[subset].format(context=context, input=question)
 
 
+def question_part(subset: str, question: str) -> str:
+    """The end of the subset's prompt after ``{context}``: the question (every template puts ``{input}`` after the
+    context), or for subsets without one (summaries, passage_count, lcc) the instruction after the context."""
+    return PROMPT_TEMPLATES[subset].split("{context}", 1)[1].format(input=question)
+
+
 def first_line(prediction: str) -> str:
     return prediction.lstrip("\n").split("\n")[0]

@@ -12,7 +12,7 @@ from evals.longbench.metrics import JIEBA_MISSING, METRICS_NEEDING_JIEBA, SUBSET
 from evals.longbench.prompts import (CATEGORIES, DEFAULT_SUBSETS, ENGLISH_SUBSETS, FIRST_LINE_SUBSETS,
                                      LB_AVG_EXCLUDED, LENGTH_BUCKETS, MAX_NEW_TOKENS, NO_CHAT_TEMPLATE,
                                      PROMPT_TEMPLATES, STOP_STRINGS, VARIANTS, build_prompt, first_line,
-                                     length_bucket)
+                                     length_bucket, question_part)
 
 DEFAULT_HUB_REPO = "Xnhyacinth/LongBench"
 
@@ -24,6 +24,7 @@ def _mean(values: list[float]) -> float:
 class LongBenchTask(Task):
     name = "longbench"
     limit_scope = "subtask"
+    splits_questions = True  # every template's part after {context} (docs/tasks.md)
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -110,6 +111,7 @@ class LongBenchTask(Task):
                     stop=list(STOP_STRINGS.get(subset, [])),
                     subtask=subset,
                     meta={"length": row["length"], "all_classes": row["all_classes"], "language": row["language"]},
+                    question=question_part(subset, row["input"]),
                 ))
         return out
 

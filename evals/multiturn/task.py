@@ -30,6 +30,7 @@ def first_number(text: str) -> str:
 class MultiTurnTask(Task):
     name = "multiturn"
     multi_turn = True
+    splits_questions = True  # the query-agnostic mode prefills the context alone, before the first turn
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -35,6 +35,7 @@ def normalise(text: str) -> str:
 
 class NeedleTask(Task):
     name = "needle"
+    splits_questions = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -104,7 +105,7 @@ class NeedleTask(Task):
         prompt = official.passkey_prompt(self._texts(), length, depth, key)
         return Sample(id=f"len{length}_depth{depth:.2f}_rep{repeat}", prompt=prompt, references=[key],
                       max_new_tokens=self.max_new_tokens, chat_template=False, stop=[], answer_prefix="",
-                      subtask=f"len={length}/depth={depth:.2f}", meta={"length": length, "depth": depth})
+                      question=official.QUESTION, subtask=f"len={length}/depth={depth:.2f}", meta={"length": length, "depth": depth})
 
     def _sample(self, tokenizer, length, depth, repeat, key) -> Sample:
         needle = NEEDLE.format(key=key)
@@ -126,7 +127,7 @@ class NeedleTask(Task):
         answer_prefix = ANSWER_PREFIX.strip() if self.chat_template else ANSWER_PREFIX
         return Sample(id=f"len{length}_depth{depth:.2f}_rep{repeat}", prompt=prompt, references=[key],
                       max_new_tokens=self.max_new_tokens, chat_template=self.chat_template, stop=["\n"],
-                      answer_prefix=answer_prefix,
+                      answer_prefix=answer_prefix, question=QUESTION,
                       subtask=f"len={length}/depth={depth:.2f}", meta={"length": length, "depth": depth})
 
     def score(self, sample, prediction):

@@ -10,6 +10,7 @@ from evals.ruler.cache import SampleCache, tokenizer_fingerprint
 from evals.ruler.common_words import CommonWordsGenerator
 from evals.ruler.freq_words import FreqWordsGenerator
 from evals.ruler.generation import generate_samples
+from evals.ruler.niah import niah_template
 from evals.ruler.haystack import prose_sha256
 from evals.ruler.metrics import METRICS
 from evals.ruler.niah import NiahGenerator
@@ -66,9 +67,23 @@ def parse_tasks(value: Any) -> tuple[list[str], bool]:
     return [n for n in TASKS if n in names], True
 
 
+def with_questions(samples: list[Sample]) -> list[Sample]:
+    """Each sample with its ``question`` (for ``task.query_aware=false``): its prompt from the last occurrence of the
+    template's fixed text after ``{context}`` (every RULER template has some) on; left empty if it is not found."""
+    for s in samples:
+        templates = [family_of(s.subtask).template]
+        if TASKS[s.subtask].family == "niah":
+            templates.append(niah_template(single_answer=True)[0])  # one needle: the question in the singular
+        tails = [t.split("{context}", 1)[1] for t in templates]
+        start = max(s.prompt.rfind(t.split("{", 1)[0]) for t in tails)
+        s.question = s.prompt[start:] if start >= 0 else ""
+    return samples
+
+
 class RulerTask(Task):
     name = "ruler"
     limit_scope = "subtask"
+    splits_questions = True  # the template's part after {context}
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -160,12 +175,12 @@ class RulerTask(Task):
             for k in keys:
                 cached = self.cache.load(k)
                 if cached is not None:
-                    return cached[:count]
+                    return with_questions(cached[:count])
         log.info("RULER: generating %d samples of %s at %d tokens", count, task, length)
         samples = self.generate(task, length, tokenizer, count)
         if self.cache is not None:
             self.cache.store(keys[-1], samples)
-        return samples
+        return with_questions(samples)
 
     def generate(self, task: str, length: int, tokenizer: Any, count: int | None = None) -> list[Sample]:
         spec = TASKS[task]

@@ -42,18 +42,20 @@ def cache_kwarg(model) -> str:
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """What a method's plan needs of a model: head dim, query heads per KV head, layers."""
+    """What a method's plan needs of a model: head dim, query heads per KV head, layers, KV heads."""
 
     head_dim: int
     group_size: int
     num_layers: int
+    num_kv_heads: int = 1
 
     @classmethod
     def of(cls, model) -> "AttentionShape":
         cfg = model.config.get_text_config(decoder=True)
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(head_dim, heads // (getattr(cfg, "num_key_value_heads", None) or heads), cfg.num_hidden_layers)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        return cls(head_dim, heads // kv_heads, cfg.num_hidden_layers, kv_heads)
 
 
 class CompressionSession:
@@ -217,6 +219,7 @@ def compress(model, method: Method | str = "rocketkv", budget: int | None = _UNS
     m = as_method(method, budget, **overrides)
     check_model(model)
     session = CompressionSession(model, m, max_new_tokens, model_max_len)
+    m.check_shape(session.shape.num_layers, session.shape.num_kv_heads)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
     handle = model.register_forward_pre_hook(session._pre_forward, with_kwargs=True)

@@ -39,7 +39,8 @@ LATER_OPTIONS = {
     "model": {"cuda_dtype": "bfloat16", "prompt_format": "chat_template", "add_bos": "auto", "max_prompt_len": None,
               "plan_len_cap": None, "special_tokens": "skip"},
     "task": {"haystack_file": None, "length_unit": "tokens", "key_digits": 7, "max_new_tokens": None,
-             "metric": None, "turn_format": "raw", "plan_length": "conversation", "last_answer_token": "fed"},
+             "metric": None, "turn_format": "raw", "plan_length": "conversation", "last_answer_token": "fed",
+             "query_aware": True},
 }
 
 
@@ -64,7 +65,7 @@ def _hashed(node: DictConfig, group: str) -> dict:
         if group == "task" and out.get(key) is not None:
             out[key] = fixed
     for key, neutral in LATER_OPTIONS[group].items():
-        if key in out and out[key] == neutral and not isinstance(out[key], bool):
+        if key in out and out[key] == neutral and isinstance(out[key], bool) == isinstance(neutral, bool):
             out.pop(key)
     return out
 
@@ -103,7 +104,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.cfg.task.name}/{self.model_name}/{self.name}@{self.budget or 'full'}"
+        return f"{task_folder(self.cfg.task)}/{self.model_name}/{self.name}@{self.budget or 'full'}"
 
     def plan(self, prompt_len: int, max_new_tokens: int, shape: AttentionShape, model_max_len: int) -> dict:
         """The method's plan for a sample of these lengths, computed once per shape."""
@@ -112,6 +113,15 @@ class Cell:
             self.plans[key] = self.method.plan(prompt_len, max_new_tokens, shape.head_dim, model_max_len,
                                                group_size=shape.group_size)
         return self.plans[key]
+
+
+QUERY_AGNOSTIC = ".query_agnostic"
+
+
+def task_folder(task_cfg: DictConfig) -> str:
+    """The task's folder under ``runs/``: its name, with ``.query_agnostic`` in the query-agnostic mode, so the two
+    modes never share a folder, a reference run or a table."""
+    return task_cfg.name if task_cfg.get("query_aware", True) is not False else task_cfg.name + QUERY_AGNOSTIC
 
 
 def method_options(cfg: DictConfig) -> dict:
@@ -159,7 +169,7 @@ def make_cell(cfg: DictConfig, model_name: str, shard: tuple[int, int] | None) -
     cfg = with_run_options(cfg)
     method = make_method(cfg.method.name, budget=cfg.budget, **method_options(cfg))  # fails before any loading
     chash = config_hash(cfg, method.uses_budget)
-    out_dir = run_dir(cfg.output_dir, cfg.task.name, model_name, method.name, method.budget, chash)
+    out_dir = run_dir(cfg.output_dir, task_folder(cfg.task), model_name, method.name, method.budget, chash)
     return Cell(cfg, method, out_dir, PredictionLog(out_dir / predictions_name(shard)), chash, model_name)
 
 
@@ -192,8 +202,8 @@ def plan_shape(sample: Sample, rows: list[list[int]]) -> tuple[int, int]:
     are its turns' token ids) the whole conversation: every turn and every answer but the last count as the prompt,
     so a plan is dense only when it covers every token any turn can see; or, with ``sample.plan_first_turn``
     (SCBench's official runs), the first turn and one answer."""
-    if sample.turns and not sample.plan_first_turn:
-        return sum(len(r) for r in rows) + (len(rows) - 1) * sample.max_new_tokens, sample.max_new_tokens
+    if sample.turns and not sample.plan_first_turn:  # a row may hold the context alone (query-agnostic)
+        return sum(len(r) for r in rows) + (len(sample.turns) - 1) * sample.max_new_tokens, sample.max_new_tokens
     return len(rows[0]), sample.max_new_tokens
 
 
@@ -205,6 +215,7 @@ def check_plans(cells: list[Cell], samples: list[Sample], prompts: dict[str, lis
     valid, errors = [], []
     for cell in cells:
         try:
+            cell.method.check_shape(shape.num_layers, shape.num_kv_heads)
             for n, new_tokens in shapes:
                 cell.plan(n, new_tokens, shape, model_max_len)
             valid.append(cell)

@@ -7,7 +7,8 @@ turns ``CompressionSession.next_turn`` prepares the cache: what a later turn's p
 (full KV keeps everything; one-shot methods keep what they kept at the first prefill and decode the turn's tokens
 step by step; RocketKV-MT selects again from the whole history).  One record per conversation, written when the
 last turn is done, holds every turn's prediction and score: a rerun skips finished conversations and redoes a
-conversation a kill cut short.
+conversation a kill cut short.  In the query-agnostic mode the context comes as a row of its own: it is prefilled
+and compressed alone, and the first turn is fed on the compressed cache like the later ones.
 """
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
     with compress(model, cell.method, max_new_tokens=new, model_max_len=spec.plan_max_len) as session:
         cache = session.new_cache(new, prompt_len=len(turns[0]) if split else None, plan=plan)
         unfed: list[int] = []
-        for i, (ids, turn) in enumerate(zip(turns, sample.turns)):
+        context = turns[:len(turns) - len(sample.turns)]  # the query-agnostic mode: the context alone, compressed first
+        context_prefill = prefill(model, context, cache, split and len(context[0]) >= 2)[1] if context else 0.0
+        for i, (ids, turn) in enumerate(zip(turns[len(context):], sample.turns)):
             feed = unfed + ids
-            if i:
+            if i or context:
                 session.next_turn(cache, len(feed), new)
             logits, t_prefill = prefill(model, [feed], cache, split and len(feed) >= 2)
+            t_prefill += context_prefill if i == 0 else 0.0
             decoding = decode(model, tokenizer, logits, cache, new, sample.stop, task.ignore_eos, graphs,
                               spec.special_tokens)
             tokens = decoding.tokens[0]
@@ -53,7 +57,8 @@ def run_conversation(model, tokenizer, spec: ModelSpec, sample: Sample, turns: l
     scores = [t["score"] for t in done]
     return {
         "id": sample.id, "subtask": sample.subtask, "meta": sample.meta,
-        "prompt_tokens": sum(t["prompt_tokens"] for t in done), "prediction": [t["prediction"] for t in done],
+        "prompt_tokens": sum(map(len, context)) + sum(t["prompt_tokens"] for t in done),
+        "prediction": [t["prediction"] for t in done],
         "references": [t["references"] for t in done], "score": sum(scores) / len(scores),
         "new_tokens": sum(t["new_tokens"] for t in done), "time_prefill_s": sum(t["time_prefill_s"] for t in done),
         "time_decode_s": sum(t["time_decode_s"] for t in done), "peak_mem_bytes": _peak(mem, *peaks),

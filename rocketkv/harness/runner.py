@@ -19,6 +19,7 @@ from rocketkv.harness import progress
 from rocketkv.harness.conversations import run_conversation
 from rocketkv.harness.models import ModelSpec, check_memory, load_model
 from rocketkv.harness.options import RunOptions
+from rocketkv.harness.query_agnostic import run_cells_query_agnostic
 from rocketkv.harness.results import check_output_dir, code_version, environment, write_json_atomic
 from rocketkv.harness.sample_runs import STAT_KEYS, run_cells_shared_prefill, run_sample
 
@@ -55,7 +56,8 @@ def build_prompts(tokenizer, spec: ModelSpec, samples: list[Sample], task: Task)
     """The token ids of every sample's rows, built with the model's prompt rules (format, BOS, cap); a
     conversation's rows are its turns."""
     if task.multi_turn:
-        return {s.id: conversation_token_ids(tokenizer, s, spec.max_len) for s in samples}
+        return {s.id: conversation_token_ids(tokenizer, s, spec.max_len, context_alone=not task.query_aware)
+                for s in samples}
     rules = spec.prompt_rules()
     return {s.id: prompt_rows(tokenizer, s, spec.chat_template, spec.max_len, rules) for s in samples}
 
@@ -83,6 +85,7 @@ def run(cfg: DictConfig) -> list[dict]:
     prefill per sample; returns the metrics of each cell."""
     options = RunOptions.from_cfg(cfg)
     task = build_task(cfg.task)
+    task.query_aware  # noqa: B018 -- a bad or unsupported task.query_aware stops the run here
     spec = ModelSpec.from_cfg(OmegaConf.to_container(cfg.model, resolve=True))
     if spec.random_weights and task.measures_accuracy:
         raise ValueError(f"model={spec.name} has random weights (its architecture only, for speed and memory "
@@ -137,6 +140,11 @@ def _run_locked(cfg, options: RunOptions, task, spec, cells, model, tokenizer, s
             for cell in pending:
                 cell.preds.append(run_conversation(model, tokenizer, spec, sample, rows, cell, task))
             continue
+        if not task.query_aware:  # the context compressed before the question is fed
+            for cell, record in zip(pending, run_cells_query_agnostic(model, tokenizer, spec, sample, rows, pending,
+                                                                      task)):
+                cell.preds.append(record)
+            continue
         shareable = [c for c in pending if c.method.decode_last_prompt_token and len(rows[0]) >= 2]
         if len(shareable) < 2:
             shareable = []
@@ -169,8 +177,8 @@ def finish_cell(cell: Cell, task: Task, spec: ModelSpec, samples: list[Sample], 
     shard = options.shard
     run_info = {"task": cell.cfg.task.name, "model": spec.name, "method": cell.name, "budget": cell.budget,
                 "reference": cell.method.is_reference, "config_hash": cell.config_hash,
-                "protocol_hash": stable_hash(run_protocol(task.protocol(), spec)),
-                "protocol": run_protocol(task.protocol(), spec), "code_version": code_version(),
+                "protocol_hash": stable_hash(run_protocol(task.hashed_protocol(), spec)),
+                "protocol": run_protocol(task.hashed_protocol(), spec), "code_version": code_version(),
                 "complete": len(records) == len(wanted), "n_expected": len(wanted),
                 "results_dir": str(cell.out_dir), "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
                 "limit": options.limit}

@@ -32,6 +32,10 @@ The hooks, in the order the session calls them for one sample:
     layer): data-dependent counts in ``StepCost`` stay device scalars.  Shape-dependent choices only: never
     branch on data.
 
+``check_shape(num_layers, num_kv_heads)`` (optional)
+    The model's shape, before anything runs (``rocketkv.compress`` and the runner's plan check): raise
+    ``ValueError`` when the method's own data (a per-head pattern file) does not fit the model.
+
 ``metadata_bytes(layer, plan)`` (optional)
     The bytes of the method's metadata for the stored slots, when ``layer.meta`` holds room for more.
 
@@ -118,6 +122,9 @@ class Method:
     def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
              group_size: int = 1) -> dict:
         return {}
+
+    def check_shape(self, num_layers: int, num_kv_heads: int) -> None:
+        pass
 
     def compress(self, layer: CompressedLayer, q_window: torch.Tensor, prompt_len: int, plan: dict,
                  scaling: float) -> None:

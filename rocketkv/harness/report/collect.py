@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from rocketkv.core import METHODS
+from rocketkv.harness.cells import QUERY_AGNOSTIC
 from rocketkv.harness.report.frames import STAT_COLUMNS, tidy_frame
 from rocketkv.harness.report.readers import read_json, read_jsonl, read_yaml
 
@@ -37,8 +38,8 @@ SAMPLE_COLUMNS = [
     "time_prefill_s", "time_decode_s", "peak_mem_bytes", *STAT_COLUMNS, "protocol_hash", "code_version",
 ]
 RUN_COLUMNS = [
-    *RUN_KEYS, "score", "score_source", "n_samples", "n_predictions", "n_expected", "complete", "n_shards",
-    "missing_shards", *STAT_COLUMNS, "prefill_s_mean", "decode_s_mean", "decode_tokens_per_s",
+    *RUN_KEYS, "query_aware", "score", "score_source", "n_samples", "n_predictions", "n_expected", "complete",
+    "n_shards", "missing_shards", *STAT_COLUMNS, "prefill_s_mean", "decode_s_mean", "decode_tokens_per_s",
     "peak_mem_bytes_max", "protocol_hash", "code_version", "path",
 ]
 
@@ -204,6 +205,7 @@ def run_row(folder: RunFolder, metrics: dict | None, predictions: Predictions, s
     return {
         "task": folder.task, "model": folder.model, "method": folder.method, "budget": folder.budget,
         "config_hash": folder.config_hash,
+        "query_aware": not folder.task.endswith(QUERY_AGNOSTIC),
         "score": score,
         "score_source": source,
         "n_samples": n_samples,

@@ -3,11 +3,13 @@
 ``leaderboard.csv`` / ``leaderboard.parquet`` columns, in this order:
 
 ==========================  =========================================================================================
-``task``                    task name (folder name under ``runs/``)
+``task``                    task name (folder name under ``runs/``; ``<task>.query_agnostic`` in that mode)
 ``model``                   model name
 ``method``                  KV method (``full`` is the uncompressed reference)
 ``budget``                  token budget; empty/NA for methods that ignore it (folder ``none``)
 ``config_hash``             hash of the resolved config (one folder per hash)
+``query_aware``             false for the query-agnostic mode (``task.query_aware=false``: context compressed before
+                            the question is seen); its runs are their own task, compared with full KV in that mode
 ``score``                   headline score 0-100: ``metrics.json`` ``score``, else recomputed from the predictions
                             as the mean over subtasks of the per-subtask mean
 ``score_source``            ``metrics`` or ``predictions`` (where ``score`` came from)
@@ -50,7 +52,7 @@ from rocketkv.harness.report.bootstrap import paired_bootstrap_ci, paired_differ
 from rocketkv.harness.report.collect import RUN_KEYS, STAT_COLUMNS, is_reference
 
 LEADERBOARD_COLUMNS = [
-    *RUN_KEYS, "score", "score_source", "n_samples", "n_expected", "complete", "missing_shards",
+    *RUN_KEYS, "query_aware", "score", "score_source", "n_samples", "n_expected", "complete", "missing_shards",
     "delta_vs_full", "delta_ci_low", "delta_ci_high", "n_paired", "full_score", "full_config_hash",
     *STAT_COLUMNS, "prefill_s_mean", "decode_s_mean", "decode_tokens_per_s", "peak_mem_bytes_max",
     "protocol_hash", "code_version", "path",
