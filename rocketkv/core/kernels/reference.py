@@ -8,6 +8,8 @@ are never repeated per query head.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -87,3 +89,88 @@ def sparse_decode_attention(
     scores = torch.matmul(q.float(), selected_keys.transpose(-1, -2)) * scale
     out = _softmax_weighted_sum(scores, selected_values, valid.unsqueeze(2))
     return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------- selection (the Triton selection kernels' oracle)
+_PAST = 2 ** 62  # sorts after every slot
+
+
+@functools.lru_cache(maxsize=64)
+def _descending(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n - 1, -1, -1, device=device)
+
+
+def ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Distinct int64 keys in the order (score desc, index asc) along the last axis: the float32 score's
+    order-preserving int32 bits above, the index reversed below (``topk`` on them keeps the tie rule)."""
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.long() << 32) | _descending(scores.shape[-1], scores.device)
+
+
+def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budget: int, width: int,
+                 split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best units (pages of ``page_size`` slots, or slots) of each row of ``scores`` ``[..., U]``, ranked by
+    (score desc, unit asc) among the units holding slots below ``upto``: with ``split`` until ``budget`` slots
+    (the unit at the cut gives its lowest slots), else ``budget`` whole units.  Returns their slots below ``upto``,
+    ascending, -1 after them (``[..., width]``), and how many per row."""
+    units = scores.shape[-1]
+    m = min(units, -(-budget // page_size) + 1 if split else budget)
+    top = ordered_keys(scores).topk(m, dim=-1).indices
+    slots = (upto - top * page_size).clamp(0, page_size)  # live slots of each ranked unit (0 once past upto)
+    take = (budget - (slots.cumsum(-1) - slots)).clamp(min=0).minimum(slots) if split else slots
+    t = torch.arange(page_size, device=scores.device)
+    chosen = torch.where(t < take[..., None], top[..., None] * page_size + t, _PAST).flatten(-2)
+    chosen = chosen.sort(dim=-1).values[..., :width]
+    if chosen.shape[-1] < width:
+        chosen = torch.nn.functional.pad(chosen, (0, width - chosen.shape[-1]), value=_PAST)
+    return chosen.masked_fill_(chosen == _PAST, -1), take.sum(-1)
+
+
+def _live_slots(upto: torch.Tensor, pages: int, page_size: int, device) -> torch.Tensor:
+    return (upto - torch.arange(pages, device=device) * page_size).clamp(0, page_size)
+
+
+def hsa_page_probs(q, page_min_t, page_max_t, upto, page_size: int, channels: int) -> torch.Tensor:
+    """HSA's slot probabilities in page space ``[B, Hkv, P]``: per head the softmax over live slots of the page
+    scores on the group's top-``channels`` |q| channels (max key where the group's summed q is positive, else min)
+    over SparQ's temperature, averaged over the group's heads; every slot of a page shares its page's value."""
+    b, hkv, g, d = q.shape
+    pages = page_max_t.shape[-1]
+    qf = q.float()
+    abs_q = qf.abs()
+    ch = abs_q.sum(2).topk(channels, dim=-1, sorted=False).indices  # [B,Hkv,r]
+    use_max = qf.sum(2).gather(-1, ch) > 0
+    q_sel = qf.gather(-1, ch[:, :, None].expand(b, hkv, g, channels))
+    tau = (d * q_sel.abs().sum(-1) / abs_q.sum(-1).clamp_min(1e-30)).sqrt()
+    at = ch[..., None].expand(b, hkv, channels, pages)
+    rows = torch.where(use_max[..., None], page_max_t.gather(2, at), page_min_t.gather(2, at)).float()
+    slots = _live_slots(upto, pages, page_size, q.device)
+    z = (q_sel @ rows * (1.0 / tau)[..., None]).masked_fill_(slots == 0, float("-inf"))
+    e = (z - z.amax(-1, keepdim=True)).exp_()
+    return (e * (1.0 / (e * slots).sum(-1, keepdim=True))).sum(2) / g
+
+
+def quest_group_scores(q, page_min_t, page_max_t, upto, page_size: int) -> torch.Tensor:
+    """Quest's page upper bounds summed over the group's heads ``[B, Hkv, P]``; pages past ``upto`` -inf.  With
+    min <= max, ``max(q·lo, q·hi)`` is ``q⁺·hi + q⁻·lo`` per channel, so the heads' sum is two products."""
+    qf = q.float()
+    bounds = (qf.clamp(min=0).sum(2, keepdim=True) @ page_max_t.float()
+              + qf.clamp(max=0).sum(2, keepdim=True) @ page_min_t.float()).squeeze(2)
+    dead = _live_slots(upto, page_max_t.shape[-1], page_size, q.device) == 0
+    return bounds.masked_fill_(dead, float("-inf"))
+
+
+def scores(q, keys, upto, channels=None, chunk: int = 4096) -> torch.Tensor:
+    """``q·k`` per head over the buffer's slots ``[B, Hkv, g, C]`` in fp32, -inf from ``upto`` on; with ``channels``
+    ``[B, Hkv, g, r]`` only those channels, times SparQ's 1/tau.  A non-fp32 cache is up-cast a chunk at a time."""
+    qf = q.float()
+    if channels is not None:
+        picked = qf.gather(-1, channels)
+        inv_tau = (qf.abs().sum(-1) / (q.shape[-1] * picked.abs().sum(-1).clamp_min(1e-30))).sqrt()
+        qf = torch.zeros_like(qf).scatter_(-1, channels, picked * inv_tau[..., None])
+    if keys.dtype == torch.float32:
+        out = qf @ keys.mT
+    else:
+        out = torch.cat([qf @ keys[:, :, s:s + chunk].float().mT for s in range(0, keys.shape[2], chunk)], dim=-1)
+    return out.masked_fill_(torch.arange(keys.shape[2], device=q.device) >= upto, float("-inf"))
