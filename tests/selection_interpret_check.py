@@ -96,9 +96,15 @@ def check(case, seed=0):
         same("slot_scores channels", sparq["triton"], sparq["torch"])
         rows = exact["torch"].flatten(1, 2)
         for name, scores in (("given", rows), ("tied", rows.round())):
-            got = kernels.select_units(scores, upto_t, 1, k, min(k, cap), False, backend="triton")
-            want = kernels.select_units(scores, upto_t, 1, k, min(k, cap), False, backend="torch")
+            got = kernels.select_units(scores, upto_t, 1, k, min(k, cap), False, True, backend="triton")
+            want = kernels.select_units(scores, upto_t, 1, k, min(k, cap), False, True, backend="torch")
             same(f"slot select ({name})", got[0], want[0], exact=True)
+            same(f"slot select mass ({name})", got[2], want[2])
+            sets = got[0].view(b, hkv, g, -1)
+            for chans in (None, ch):
+                reads = {be: kernels.union_reads(sets, upto_t, 7, cap, chans, d, backend=be) for be in ("torch", "triton")}
+                same(f"union_reads ({name}, channels={chans is not None})", reads["triton"], reads["torch"],
+                     exact=True)
 
     tables = {be: (low.clone(), high.clone()) for be in ("torch", "triton")}
     keys[:, :, upto - 1] = torch.randn(b, hkv, d, generator=gen) * 3

@@ -603,7 +603,7 @@ def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget)
             patch.setattr(torch.Tensor, attr, host_read)
         m.index(layer, plan, upto)
         out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), upto, plan, d ** -0.5)
-        layer.state.stats.record(0, cost, out.device)
+        layer.state.stats.record(layer, layer.stored, cost)
     assert out.shape == (b, hkv, g, d) and 0 < float(cost.attended) <= layer.stored
     assert layer.state.summary()["attended_tokens"] == float(cost.attended)
 

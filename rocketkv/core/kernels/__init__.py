@@ -132,12 +132,13 @@ def quest_group_scores(q, page_min_t, page_max_t, upto, page_size: int, backend:
     return reference.quest_group_scores(q, page_min_t, page_max_t, upto, page_size)
 
 
-def select_units(scores, upto, page_size: int, budget: int, width: int, split: bool, backend: str = "auto"):
+def select_units(scores, upto, page_size: int, budget: int, width: int, split: bool, mass: bool = False,
+                 backend: str = "auto"):
     """Exact top units of each row of ``scores`` ``[B, R, U]`` (``reference.select_units``): slots ``[B, R, width]``
-    ascending with -1 after, and their count per row."""
+    ascending with -1 after, their count per row, and (``mass``) their share of the scores' softmax."""
     if use_triton(backend, scores):
-        return _triton_module("triton_select").select(scores, upto, page_size, budget, width, split)
-    return reference.select_units(scores, upto, page_size, budget, width, split)
+        return _triton_module("triton_select").select(scores, upto, page_size, budget, width, split, mass)
+    return reference.select_units(scores, upto, page_size, budget, width, split, mass)
 
 
 def slot_scores(q, keys, upto, channels=None, backend: str = "auto"):
@@ -145,3 +146,13 @@ def slot_scores(q, keys, upto, channels=None, backend: str = "auto"):
     if use_triton(backend, q):
         return _triton_module("triton_select").scores(q, keys, upto, channels)
     return reference.scores(q, keys, upto, channels)
+
+
+def union_reads(idx, upto, token_weight: int, n_slots: int, channels=None, n_channels: int = 0,
+                backend: str = "auto"):
+    """Per (row, KV head) ``[B, Hkv]`` int64: distinct slots (below ``n_slots``) of the g heads' sets ``idx``
+    ``[B,Hkv,g,k]`` (-1 pads) times ``token_weight``, plus with ``channels`` ``[B,Hkv,g,r]`` (below ``n_channels``)
+    their distinct channels times ``upto``."""
+    if use_triton(backend, idx):
+        return _triton_module("triton_select").union_reads(idx, upto, token_weight, channels)
+    return reference.union_reads(idx, upto, token_weight, channels, n_slots, n_channels)

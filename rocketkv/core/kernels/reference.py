@@ -109,11 +109,12 @@ def ordered_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budget: int, width: int,
-                 split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 split: bool, mass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The best units (pages of ``page_size`` slots, or slots) of each row of ``scores`` ``[..., U]``, ranked by
     (score desc, unit asc) among the units holding slots below ``upto``: with ``split`` until ``budget`` slots
     (the unit at the cut gives its lowest slots), else ``budget`` whole units.  Returns their slots below ``upto``,
-    ascending, -1 after them (``[..., width]``), and how many per row."""
+    ascending, -1 after them (``[..., width]``), how many per row, and with ``mass`` (slot units) the chosen slots'
+    share of the softmax of the scores over the live slots (exactly 1 when every live slot is chosen)."""
     units = scores.shape[-1]
     m = min(units, -(-budget // page_size) + 1 if split else budget)
     top = ordered_keys(scores).topk(m, dim=-1).indices
@@ -124,7 +125,12 @@ def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budge
     chosen = chosen.sort(dim=-1).values[..., :width]
     if chosen.shape[-1] < width:
         chosen = torch.nn.functional.pad(chosen, (0, width - chosen.shape[-1]), value=_PAST)
-    return chosen.masked_fill_(chosen == _PAST, -1), take.sum(-1)
+    chosen.masked_fill_(chosen == _PAST, -1)
+    count = take.sum(-1)
+    if not mass:
+        return chosen, count, None
+    probs = torch.softmax(scores.float(), dim=-1).gather(-1, chosen.clamp(min=0)).masked_fill_(chosen < 0, 0.0)
+    return chosen, count, torch.where(count >= upto, 1.0, probs.sum(-1))
 
 
 def _live_slots(upto: torch.Tensor, pages: int, page_size: int, device) -> torch.Tensor:
@@ -174,3 +180,16 @@ def scores(q, keys, upto, channels=None, chunk: int = 4096) -> torch.Tensor:
     else:
         out = torch.cat([qf @ keys[:, :, s:s + chunk].float().mT for s in range(0, keys.shape[2], chunk)], dim=-1)
     return out.masked_fill_(torch.arange(keys.shape[2], device=q.device) >= upto, float("-inf"))
+
+
+def _distinct(idx: torch.Tensor, n: int) -> torch.Tensor:
+    b, h = idx.shape[:2]
+    hit = torch.zeros(b, h, n + 1, dtype=torch.bool, device=idx.device)
+    return hit.scatter_(-1, idx.reshape(b, h, -1) + 1, True)[..., 1:].sum(-1)  # -1 pads land in column 0, dropped
+
+
+def union_reads(idx, upto, token_weight: int, channels=None, n_slots: int = 0, n_channels: int = 0) -> torch.Tensor:
+    """Per (row, KV head) ``[B, Hkv]``: distinct valid slots of ``idx`` ``[B,Hkv,g,k]`` (-1 pads, below
+    ``n_slots``) times ``token_weight``, plus with ``channels`` their distinct channels times ``upto``."""
+    reads = _distinct(idx, n_slots) * token_weight
+    return reads if channels is None else reads + _distinct(channels, n_channels) * upto

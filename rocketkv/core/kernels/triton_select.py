@@ -26,9 +26,9 @@ def _units(score_ptr, row, s_sp, upto, page_size, offs, n_units):
 
 
 @triton.jit
-def _select_kernel(score_ptr, upto_ptr, out_ptr, count_ptr, rows_per_batch, page_size, budget, width,
+def _select_kernel(score_ptr, upto_ptr, out_ptr, count_ptr, mass_ptr, rows_per_batch, page_size, budget, width,
                    s_sb, s_sr, s_sp, o_sb, o_sr, o_sk,
-                   SPLIT: tl.constexpr, PAGE_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                   SPLIT: tl.constexpr, MASS: tl.constexpr, PAGE_PAD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // rows_per_batch).to(tl.int64)
     r = (pid % rows_per_batch).to(tl.int64)
@@ -55,6 +55,18 @@ def _select_kernel(score_ptr, upto_ptr, out_ptr, count_ptr, rows_per_batch, page
         weight = slots if SPLIT else live.to(tl.int64)
         above += tl.sum(tl.where(live & (key > lo), weight, 0))
     need = budget - above  # taken from the units tied at the cut, lowest first
+    if MASS:  # the softmax of the scores over the live slots (slot units): its max and normaliser
+        top = tl.full((), float("-inf"), tl.float32)
+        for start in range(0, n_units, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            top = tl.maximum(top, tl.max(tl.load(score_ptr + row + offs * s_sp, mask=offs < n_units,
+                                                 other=float("-inf"))))
+        total = tl.zeros((), tl.float32)
+        for start in range(0, n_units, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            total += tl.sum(tl.exp(tl.load(score_ptr + row + offs * s_sp, mask=offs < n_units,
+                                           other=float("-inf")) - top))
+    picked = tl.zeros((), tl.float32)
     written = zero
     tied_seen = zero
     t = tl.arange(0, PAGE_PAD)
@@ -75,10 +87,15 @@ def _select_kernel(score_ptr, upto_ptr, out_ptr, count_ptr, rows_per_batch, page
                  mask=t[None, :] < take[:, None])
         written += tl.sum(take)
         tied_seen += tl.sum(tied_weight)
+        if MASS:
+            prob = tl.exp(tl.load(score_ptr + row + offs * s_sp, mask=live, other=float("-inf")) - top)
+            picked += tl.sum(tl.where(take > 0, prob, 0.0))
     for start in range(0, width, BLOCK):
         pos = start + tl.arange(0, BLOCK)
         tl.store(out_row + pos * o_sk, tl.full((BLOCK,), -1, tl.int64), mask=(pos >= written) & (pos < width))
     tl.store(count_ptr + pid, written)
+    if MASS:  # every live slot chosen: exactly 1
+        tl.store(mass_ptr + pid, tl.where(written >= upto, 1.0, picked / total))
 
 
 @triton.jit
@@ -121,16 +138,61 @@ def _scores_kernel(q_ptr, k_ptr, ch_ptr, upto_ptr, out_ptr, num_kv_heads, group,
              mask=g_mask[:, None] & (offs_s < capacity)[None, :])
 
 
-def select(scores, upto, page_size, budget, width, split):
-    """``scores`` [B, R, U] float32 -> slots [B, R, width] int64 (ascending, -1 after) and counts [B, R] int64."""
+@triton.jit
+def _distinct(ptr, group, width, s_g, s_k, K_PAD: tl.constexpr):
+    """Distinct valid (>= 0) entries over the ``group`` rows of ``width`` at ``ptr`` (each row's entries distinct)."""
+    offs = tl.arange(0, K_PAD)
+    found = 0
+    for j in range(group):
+        mine = tl.load(ptr + j * s_g + offs * s_k, mask=offs < width, other=-1)
+        fresh = mine >= 0
+        for i in range(j):
+            other = tl.load(ptr + i * s_g + offs * s_k, mask=offs < width, other=-1)
+            fresh = fresh & (tl.sum((mine[:, None] == other[None, :]).to(tl.int32), axis=1) == 0)
+        found += tl.sum(fresh.to(tl.int32))
+    return found
+
+
+@triton.jit
+def _union_reads_kernel(idx_ptr, ch_ptr, upto_ptr, out_ptr, num_kv_heads, group, width, num_channels, token_weight,
+                        i_sb, i_sh, i_sg, i_sk, c_sb, c_sh, c_sg, c_sr,
+                        K_PAD: tl.constexpr, R_PAD: tl.constexpr, CHANNELS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // num_kv_heads).to(tl.int64)
+    h = (pid % num_kv_heads).to(tl.int64)
+    reads = _distinct(idx_ptr + b * i_sb + h * i_sh, group, width, i_sg, i_sk, K_PAD).to(tl.int64) * token_weight
+    if CHANNELS:
+        channels = _distinct(ch_ptr + b * c_sb + h * c_sh, group, num_channels, c_sg, c_sr, R_PAD)
+        reads += channels.to(tl.int64) * tl.load(upto_ptr)
+    tl.store(out_ptr + pid, reads)
+
+
+def union_reads(idx, upto, token_weight, channels=None):
+    """Per (row, KV head) ``[B, Hkv]`` int64: distinct slots of the g heads' sets ``idx`` [B,Hkv,g,k] times
+    ``token_weight``, plus with ``channels`` [B,Hkv,g,r] their distinct channels times ``upto``."""
+    batch, kv_heads, group, width = idx.shape
+    out = torch.empty(batch, kv_heads, dtype=torch.long, device=idx.device)
+    ch = channels if channels is not None else idx
+    _union_reads_kernel[(batch * kv_heads,)](
+        idx, ch, upto, out, kv_heads, group, width, ch.shape[-1], token_weight, *idx.stride(), *ch.stride(),
+        K_PAD=triton.next_power_of_2(width), R_PAD=triton.next_power_of_2(ch.shape[-1]),
+        CHANNELS=channels is not None)
+    return out
+
+
+def select(scores, upto, page_size, budget, width, split, mass=False):
+    """``scores`` [B, R, U] float32 -> slots [B, R, width] int64 (ascending, -1 after), counts [B, R] int64 and
+    with ``mass`` (slot units) the chosen slots' share of the scores' softmax [B, R] (else None)."""
     batch, rows, _ = scores.shape
     out = torch.empty(batch, rows, width, dtype=torch.long, device=scores.device)
     count = torch.empty(batch, rows, dtype=torch.long, device=scores.device)
+    shares = torch.empty(batch, rows, dtype=torch.float32, device=scores.device) if mass else None
     page_pad = triton.next_power_of_2(page_size)
+    assert not mass or page_size == 1, "the softmax mass is over slot units"
     _select_kernel[(batch * rows,)](
-        scores, upto, out, count, rows, page_size, budget, width, *scores.stride(), *out.stride(),
-        SPLIT=split, PAGE_PAD=page_pad, BLOCK=max(16, BLOCK // page_pad))
-    return out, count
+        scores, upto, out, count, count if shares is None else shares, rows, page_size, budget, width,
+        *scores.stride(), *out.stride(), SPLIT=split, MASS=mass, PAGE_PAD=page_pad, BLOCK=max(16, BLOCK // page_pad))
+    return out, count, shares
 
 
 def scores(q, keys, upto, channels=None):

@@ -5,6 +5,8 @@ Queries use the grouped layout ``[B, Hkv, g, d]``: the g query heads of a KV hea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +19,54 @@ MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once
 
 @dataclass
 class StepCost:
-    """What one decode step of one layer touched, per sequence.  Data-dependent counts stay 0-dim float64
-    tensors on the device (reading them on the host every layer would stall a GPU decode)."""
+    """What one decode step of one layer read, per sequence.
 
-    attended: float | torch.Tensor  # tokens attended, mean over query heads
-    elements: float | torch.Tensor  # K/V and metadata elements read, summed over KV heads
+    The part the plan and the step's slot count determine is ``static(uptos)``: for host int64 slot counts
+    ``uptos`` ``[n]`` the rows (attended, elements) ``[n, 2]`` float64; ``DecodeStats`` evaluates it once per sample
+    over the slot counts of every step.  The data-dependent part is ``count`` (a device scalar, or None) times the
+    host weights ``per_count`` (attended, elements), added on the device with one op per layer (reading it on the
+    host every layer would stall a GPU decode)."""
+
+    static: Callable[[torch.Tensor], torch.Tensor]
+    upto: torch.Tensor
+    count: torch.Tensor | None = None
+    per_count: tuple[float, float] = (0.0, 0.0)
+
+    def total(self) -> tuple[float, float]:
+        """(attended, elements) of this step, read on the host (tests, benchmarks)."""
+        attended, elements = self.static(self.upto.reshape(1).long().cpu())[0].tolist()
+        if self.count is not None:
+            count = float(self.count)
+            attended, elements = attended + count * self.per_count[0], elements + count * self.per_count[1]
+        return attended, elements
+
+    @property
+    def attended(self) -> float:  # tokens attended, mean over query heads
+        return self.total()[0]
+
+    @property
+    def elements(self) -> float:  # K/V and metadata elements read, summed over KV heads
+        return self.total()[1]
+
+
+def dense_cost(layer: CompressedLayer, uptos: torch.Tensor) -> torch.Tensor:
+    """Static cost rows of dense attention over slots ``[0, upto)``: each head attends to what it may see."""
+    _, hkv, _, d = layer.keys.shape
+    u = uptos.double()
+    if layer.visible is None:
+        attended = u
+    else:  # per slot, the share of query heads that see it; summed up to each upto
+        attended = layer.visible.double().mean(dim=(0, 1, 2)).cumsum(0).cpu()[uptos - 1]
+    return torch.stack([attended, u * (2 * d * hkv)], dim=-1)
+
+
+def topk_cost(topk: int, elements: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Static cost rows of a method attending ``min(topk, upto)`` slots per head, reading ``elements(u, attended)``."""
+    def rows(uptos: torch.Tensor) -> torch.Tensor:
+        u = uptos.double()
+        attended = u.clamp(max=topk)
+        return torch.stack([attended, elements(u, attended)], dim=-1)
+    return rows
 
 
 def seq_len_for_plan(prompt_len: int, max_new_tokens: int, model_max_len: int | None) -> int:
@@ -49,19 +94,6 @@ def visible_mask(layer: CompressedLayer, upto: torch.Tensor) -> torch.Tensor:
     return valid[None] if layer.visible is None else layer.visible & valid
 
 
-def mean_count(counts: torch.Tensor) -> torch.Tensor:
-    """The mean of integer counts as a float64 scalar on the device."""
-    return counts.float().mean().double()
-
-
-def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """Distinct valid slots per ``[B,Hkv]`` over the trailing axes of ``idx`` (``[B,Hkv,...]``, -1 pads)."""
-    b, hkv = idx.shape[:2]
-    hit = torch.zeros(b, hkv, n_slots + 1, dtype=torch.bool, device=idx.device)
-    hit.scatter_(-1, idx.reshape(b, hkv, -1).clamp(min=-1) + 1, True)  # -1 pads land in column 0, dropped
-    return hit[..., 1:].sum(-1)
-
-
 def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, scaling: float,
                  backend: str = "auto") -> tuple[torch.Tensor, StepCost]:
     """Exact attention of ``q`` over every slot it may see."""
@@ -73,8 +105,7 @@ def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, sc
         out = kernels.sparse_decode_attention(q, layer.keys, layer.values, slots, scaling, backend=backend)
     else:  # the g query heads of a group stand in the query-length axis: one K/V read serves them all
         out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=vis, scale=scaling)
-    attended = upto.double() if layer.visible is None else mean_count(vis.sum(-1))
-    return out, StepCost(attended, upto.double() * (2 * d * hkv))
+    return out, StepCost(partial(dense_cost, layer), upto)
 
 
 def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, scaling: float,
@@ -89,13 +120,22 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
     slots = layer.keys.shape[2]
-    if G == 1 and kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
-        return kernels.sparse_decode_attention(q, layer.keys, layer.values, idx[:, :, 0], scaling, backend=backend)
+    if kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
+        if G == 1:
+            return kernels.sparse_decode_attention(q, layer.keys, layer.values, idx[:, :, 0], scaling, backend=backend)
+        if layer.keys.is_contiguous() and layer.values.is_contiguous():
+            # one set per head: each (row, KV head) as a batch of g heads over the same K/V (stride 0, no copy)
+            kv = [t.view(b * hkv, 1, slots, d).expand(b * hkv, g, slots, d) for t in (layer.keys, layer.values)]
+            out = kernels.sparse_decode_attention(q.reshape(b * hkv, g, 1, d), *kv, idx.reshape(b * hkv, g, kk),
+                                                  scaling, backend=backend)
+            return out.view(b, hkv, g, d)
     if G * kk * MASKED_ATTENTION_FRACTION >= slots:
-        # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost
+        # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost.  The -1 pads
+        # land in a last column, dropped: the mask keeps the buffer's alignment (a view at offset 1 is refused by
+        # the memory-efficient CUDA kernel in half precision)
         selected = torch.full((b, hkv, G, slots + 1), float("-inf"), dtype=q.dtype, device=idx.device)
-        selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
-        return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=selected[..., 1:],
+        selected.scatter_(-1, torch.where(idx < 0, slots, idx), 0.0)
+        return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=selected[..., :slots],
                                               scale=scaling)
     safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
     k_sel = gather_slots(layer.keys, safe).view(b, hkv, G, kk, d)
@@ -110,18 +150,17 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` best slots along the last axis, ascending; -inf scores never count (-1 pads the end).
 
-    Equal scores at the cut (RocketKV's tokens of one page share their page's score) go to the lower slots, so the
-    choice does not depend on how far past the live slots the buffer reaches, nor on ``topk``'s internal order.
+    Equal scores at the cut go to the lower slots, so the choice does not depend on how far past the live slots the
+    buffer reaches, nor on ``topk``'s internal order: one ``topk`` over keys made distinct by the slot, one sort.
     Static shapes, no host reads."""
     k = min(k, scores.shape[-1])
-    kth = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = scores > kth
-    tied = scores == kth
-    chosen = (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))) & ~torch.isneginf(scores)
-    rank = torch.where(chosen, chosen.cumsum(-1) - 1, k)  # unchosen slots land in a column past the k kept
-    slots = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
-    out = torch.full((*scores.shape[:-1], k + 1), -1, dtype=torch.long, device=scores.device)
-    return out.scatter_(-1, rank, slots)[..., :k]
+    top = kernels.reference.ordered_keys(scores).topk(k, dim=-1, sorted=False)
+    past = scores.shape[-1]
+    slots = top.indices.masked_fill(top.values < _NEG_INF_KEY, past).sort(dim=-1).values
+    return slots.masked_fill_(slots == past, -1)
+
+
+_NEG_INF_KEY = int(kernels.reference.ordered_keys(torch.tensor([float("-inf"), 0.0]))[0]) + 1  # below: -inf
 
 
 def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,

@@ -55,20 +55,8 @@ def fold_reference(keys: torch.Tensor, page_min_t: torch.Tensor, page_max_t: tor
         table.index_copy_(-1, page, torch.where(opens, key, fold(table.index_select(-1, page), key)))
 
 
-def live_pages(layer: CompressedLayer, page_size: int, upto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[P]`` bool: the pages holding slots below ``upto``; and their count (a device scalar)."""
-    n_pages = (upto + page_size - 1) // page_size
-    table = layer.meta["page_min_t"]
-    return torch.arange(table.shape[-1], device=table.device) < n_pages, n_pages
-
-
 def table_bytes(layer: CompressedLayer, page_size: int) -> int:
     """Bytes of the page min/max keys of the pages that hold stored slots (the tables have room for more)."""
     tables = [layer.meta[name] for name in ("page_min_t", "page_max_t") if name in layer.meta]
     pages = ceil_div(layer.stored, page_size)
     return sum(t[..., :pages].numel() * t.element_size() for t in tables)
-
-
-def page_to_slots(page_scores: torch.Tensor, page_size: int, slots: int) -> torch.Tensor:
-    """Broadcast per-page scores ``[..., P]`` to the first ``slots`` slots ``[..., slots]``."""
-    return page_scores.repeat_interleave(page_size, dim=-1)[..., :slots]
