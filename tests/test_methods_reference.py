@@ -61,9 +61,9 @@ def spy_indices(monkeypatch, method_name):
     seen = []
     mod = importlib.import_module(METHODS[method_name].decode.__module__)
 
-    def spy(layer, q, idx, scaling, backend="auto"):
+    def spy(layer, q, idx, scaling, backend="auto", **kwargs):
         seen.append(idx.clone())
-        return _attend_indices(layer, q, idx, scaling, backend)
+        return _attend_indices(layer, q, idx, scaling, backend, **kwargs)
 
     monkeypatch.setattr(mod, "attend_indices", spy)
     return seen

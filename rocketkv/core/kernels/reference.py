@@ -117,7 +117,8 @@ def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budge
     share of the softmax of the scores over the live slots (exactly 1 when every live slot is chosen)."""
     units = scores.shape[-1]
     m = min(units, -(-budget // page_size) + 1 if split else budget)
-    top = ordered_keys(scores).topk(m, dim=-1).indices
+    dead = torch.arange(units, device=scores.device) * page_size >= upto  # units past upto never count
+    top = ordered_keys(scores).masked_fill_(dead, torch.iinfo(torch.long).min).topk(m, dim=-1).indices
     slots = (upto - top * page_size).clamp(0, page_size)  # live slots of each ranked unit (0 once past upto)
     take = (budget - (slots.cumsum(-1) - slots)).clamp(min=0).minimum(slots) if split else slots
     t = torch.arange(page_size, device=scores.device)

@@ -109,13 +109,15 @@ def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, sc
 
 
 def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, scaling: float,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", logits: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over selected slots.
 
     ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
     A shared set runs the Triton kernel on CUDA.  Otherwise small selections gather only their rows of K/V;
     once the gathered rows (G·k) reach a sixteenth of the buffer, streaming all of it under a selection mask is
     cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
+    ``logits`` (``[B,Hkv,g,C]``, the exact fp32 ``q·k`` of every slot, when the caller has them) spare the torch
+    path K: only V of the selected slots is read.
     """
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
@@ -129,6 +131,11 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
             out = kernels.sparse_decode_attention(q.reshape(b * hkv, g, 1, d), *kv, idx.reshape(b * hkv, g, kk),
                                                   scaling, backend=backend)
             return out.view(b, hkv, g, d)
+    if logits is not None:
+        safe = idx.clamp(min=0)
+        probs = torch.softmax((logits.gather(-1, safe) * scaling).masked_fill_(idx < 0, float("-inf")), dim=-1)
+        v_sel = gather_slots(layer.values, safe.reshape(b, hkv, G * kk)).view(b, hkv, G, kk, d)
+        return torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float()).to(q.dtype)
     if G * kk * MASKED_ATTENTION_FRACTION >= slots:
         # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost.  The -1 pads
         # land in a last column, dropped: the mask keeps the buffer's alignment (a view at offset 1 is refused by
@@ -160,7 +167,8 @@ def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     return slots.masked_fill_(slots == past, -1)
 
 
-_NEG_INF_KEY = int(kernels.reference.ordered_keys(torch.tensor([float("-inf"), 0.0]))[0]) + 1  # below: -inf
+# keys below this are -inf scores, whatever their slot
+_NEG_INF_KEY = ((int(kernels.reference.ordered_keys(torch.tensor([float("-inf")]))[0]) >> 32) + 1) << 32
 
 
 def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,

@@ -21,7 +21,7 @@ class ExactTopK(Method):
         scores = kernels.slot_scores(q, layer.keys, upto, backend=self.kernels)  # [B,Hkv,g,C]
         idx = kernels.select_units(scores.view(b, hkv * g, slots), upto, 1, k, min(k, slots), False,
                                    backend=self.kernels)[0].view(b, hkv, g, -1)  # one set per query head
-        out = attend_indices(layer, q, idx, scaling, self.kernels)
+        out = attend_indices(layer, q, idx, scaling, self.kernels, logits=scores)
         # read: K of every slot, then V of the union of the group's sets
         static = topk_cost(k, lambda u, attended: u * (d * hkv))
         reads = kernels.union_reads(idx, upto, 1, slots, backend=self.kernels).sum()
