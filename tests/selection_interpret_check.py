@@ -116,6 +116,41 @@ def check(case, seed=0):
     return lines
 
 
+def check_methods(seed=0):
+    """Whole decode steps (fold, selection, attention, statistics) of each sparse method: Triton == torch."""
+    from rocketkv.core.cache import CompressedLayer
+    from rocketkv.core.methods import make_method
+    from rocketkv.core.state import GenerationState
+
+    lines = []
+    b, hkv, g, d, n = 2, 2, 4, 32, 150
+    gen = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, hkv, n + 2, d, generator=gen), torch.randn(b, hkv, n + 2, d, generator=gen)
+    q = torch.randn(b, hkv, g, d, generator=gen)
+    for name in ("hsa", "quest", "topk", "sparq"):
+        results = {}
+        for be in ("torch", "triton"):
+            method = make_method(name, 48, kernels=be)
+            state = GenerationState(method, 8, None)
+            state.plan = method.plan(n, 8, d, None, g)
+            layer = CompressedLayer(state, 0)
+            state.layers = [layer]
+            layer.update(k[:, :, :n], v[:, :, :n])
+            method.index(layer, state.plan, n)
+            outs = []
+            for step in range(2):
+                layer.update(k[:, :, n + step:n + step + 1], v[:, :, n + step:n + step + 1])
+                upto = torch.tensor(layer.stored)
+                method.index(layer, state.plan, upto)
+                out, cost = method.decode(layer, q, upto, state.plan, d ** -0.5)
+                outs.append(torch.cat([out.flatten(), torch.tensor(cost.total())]))
+            results[be] = torch.stack(outs)
+        err = (results["triton"] - results["torch"]).abs().max().item()
+        ok = err <= 1e-4
+        lines.append((ok, f"{'ok  ' if ok else 'FAIL'} {name} decode steps (outputs, statistics): max_err={err:.2e}"))
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true")
@@ -124,7 +159,7 @@ def main(argv=None):
         print("triton kernels on CPU need TRITON_INTERPRET=1 in the environment", file=sys.stderr)
         return 2
     cases = SMALL + (plan_cases(1) + plan_cases(8) if args.large else [])
-    results = [line for case in cases for line in check(case)]
+    results = [line for case in cases for line in check(case)] + check_methods()
     print("\n".join(text for _, text in results))
     return 0 if all(ok for ok, _ in results) else 1
 
