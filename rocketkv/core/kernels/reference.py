@@ -172,11 +172,15 @@ def scores(q, keys, upto, channels=None, chunk: int = 4096) -> torch.Tensor:
     """``q·k`` per head over the buffer's slots ``[B, Hkv, g, C]`` in fp32, -inf from ``upto`` on; with ``channels``
     ``[B, Hkv, g, r]`` only those channels, times SparQ's 1/tau.  A non-fp32 cache is up-cast a chunk at a time."""
     qf = q.float()
-    if channels is not None:
+    if channels is not None:  # only those channels of K are read: gathered per head, then up-cast
+        b, hkv, g, r = channels.shape
         picked = qf.gather(-1, channels)
         inv_tau = (qf.abs().sum(-1) / (q.shape[-1] * picked.abs().sum(-1).clamp_min(1e-30))).sqrt()
-        qf = torch.zeros_like(qf).scatter_(-1, channels, picked * inv_tau[..., None])
-    if keys.dtype == torch.float32:
+        cap = keys.shape[2]
+        k_sel = keys.unsqueeze(2).expand(b, hkv, g, cap, keys.shape[-1]).gather(
+            -1, channels.unsqueeze(3).expand(b, hkv, g, cap, r)).float()  # [B,Hkv,g,C,r]
+        out = torch.einsum("bhgr,bhgcr->bhgc", picked * inv_tau[..., None], k_sel)
+    elif keys.dtype == torch.float32:
         out = qf @ keys.mT
     else:
         out = torch.cat([qf @ keys[:, :, s:s + chunk].float().mT for s in range(0, keys.shape[2], chunk)], dim=-1)

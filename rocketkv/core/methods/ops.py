@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rocketkv.core import kernels
 from rocketkv.core.cache import CompressedLayer, gather_slots
 
-MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once G·k >= slots / this
+MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once k >= slots / this
 
 
 @dataclass
@@ -114,8 +114,8 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
 
     ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
     A shared set runs the Triton kernel on CUDA.  Otherwise small selections gather only their rows of K/V;
-    once the gathered rows (G·k) reach a sixteenth of the buffer, streaming all of it under a selection mask is
-    cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
+    once a set's rows (k) reach a sixteenth of the buffer, streaming all of it once for the g heads under a
+    selection mask is cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
     ``logits`` (``[B,Hkv,g,C]``, the exact fp32 ``q·k`` of every slot, when the caller has them) spare the torch
     path K: only V of the selected slots is read.
     """
@@ -136,7 +136,7 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
         probs = torch.softmax((logits.gather(-1, safe) * scaling).masked_fill_(idx < 0, float("-inf")), dim=-1)
         v_sel = gather_slots(layer.values, safe.reshape(b, hkv, G * kk)).view(b, hkv, G, kk, d)
         return torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float()).to(q.dtype)
-    if G * kk * MASKED_ATTENTION_FRACTION >= slots:
+    if kk * MASKED_ATTENTION_FRACTION >= slots:
         # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost.  The -1 pads
         # land in a last column, dropped: the mask keeps the buffer's alignment (a view at offset 1 is refused by
         # the memory-efficient CUDA kernel in half precision)
