@@ -53,8 +53,8 @@ class HybridSparseAttention(Method):
         """Page space: every slot of a page shares its page's score, so the per-head softmax over slots averaged
         over the group is one value per live page (``kernels.hsa_page_probs``), and the top k slots are whole pages
         in (score desc, page asc) order plus the lowest slots of the page at the cut (``kernels.select_units``):
-        the selection of the slot-space rule, ties to the lower slots.  On CUDA: four Triton launches per layer
-        with ``index``'s fold."""
+        the selection of the slot-space rule, ties to the lower slots.  On CUDA: five Triton launches per layer
+        with ``index``'s fold (two are the sparse attention's), and nothing else."""
         p, k = plan["page_size"], plan["topk"]
         probs = kernels.hsa_page_probs(q, layer.meta["page_min_t"], layer.meta["page_max_t"], upto, p,
                                        plan["channels"], backend=self.kernels)  # [B,Hkv,P]
