@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from rocketkv.core.cache import gather_slots
+
 
 def rocketkv_page_scores(
     q: torch.Tensor,
@@ -150,8 +152,7 @@ def hsa_page_probs(q, page_min_t, page_max_t, upto, page_size: int, channels: in
     use_max = qf.sum(2).gather(-1, ch) > 0
     q_sel = qf.gather(-1, ch[:, :, None].expand(b, hkv, g, channels))
     tau = (d * q_sel.abs().sum(-1) / abs_q.sum(-1).clamp_min(1e-30)).sqrt()
-    at = ch[..., None].expand(b, hkv, channels, pages)
-    rows = torch.where(use_max[..., None], page_max_t.gather(2, at), page_min_t.gather(2, at)).float()
+    rows = torch.where(use_max[..., None], gather_slots(page_max_t, ch), gather_slots(page_min_t, ch)).float()
     slots = _live_slots(upto, pages, page_size, q.device)
     z = (q_sel @ rows * (1.0 / tau)[..., None]).masked_fill_(slots == 0, float("-inf"))
     e = (z - z.amax(-1, keepdim=True)).exp_()

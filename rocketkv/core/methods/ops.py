@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rocketkv.core import kernels
 from rocketkv.core.cache import CompressedLayer, gather_slots
 
-MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once k >= slots / this
+MASKED_ATTENTION_FRACTION = 8  # attend_indices masks instead of gathering once k >= slots / this
 
 
 @dataclass
@@ -114,7 +114,7 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
 
     ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
     A shared set runs the Triton kernel on CUDA.  Otherwise small selections gather only their rows of K/V;
-    once a set's rows (k) reach a sixteenth of the buffer, streaming all of it once for the g heads under a
+    once a set's rows (k) reach an eighth of the buffer, streaming all of it once for the g heads under a
     selection mask is cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
     ``logits`` (``[B,Hkv,g,C]``, the exact fp32 ``q·k`` of every slot, when the caller has them) spare the torch
     path K: only V of the selected slots is read.
@@ -147,11 +147,10 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
     safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
     k_sel = gather_slots(layer.keys, safe).view(b, hkv, G, kk, d)
     v_sel = gather_slots(layer.values, safe).view(b, hkv, G, kk, d)
-    logits = torch.einsum("bhgd,bhgkd->bhgk", q.float(), k_sel.float().expand(b, hkv, g, kk, d)) * scaling
-    logits = logits.masked_fill((idx < 0).expand(b, hkv, g, kk), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float().expand(b, hkv, g, kk, d))
-    return out.to(q.dtype)
+    q_sets = q.float().view(b, hkv, G, g // G, d)  # the heads that share each set
+    logits = (q_sets @ k_sel.float().mT * scaling).masked_fill_((idx < 0).unsqueeze(3), float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ v_sel.float()
+    return out.view(b, hkv, g, d).to(q.dtype)
 
 
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
