@@ -32,7 +32,7 @@ def build_layer(method, k, v, q_window, max_new, scaling):
 
 def time_decode(method, layer, state, q, steps, scaling):
     method.index(layer, state.plan)
-    upto = layer.stored
+    upto = torch.tensor(layer.stored, device=q.device)  # a decode step's slot count lives on the device
     method.decode(layer, q, upto, state.plan, scaling)  # warm-up
     start = time.perf_counter()
     for _ in range(steps):

@@ -57,6 +57,36 @@ def examples(args) -> dict[str, Callable[[], object]]:
                                                                            "triton"),
         "rocketkv_page_scores": lambda: kernels.rocketkv_page_scores(q, lo, lo, chosen, signs, "triton"),
         "quest_page_scores": lambda: kernels.quest_page_scores(q, lo, lo, "triton"),
+        **selection_examples(kernels, q, keys, upto, budget, rand),
+    }
+
+
+def selection_examples(kernels, q, keys, upto, budget: int, rand) -> dict[str, Callable[[], object]]:
+    """The decode steps' selection kernels as the methods call them, with the methods' own plans at this length."""
+    from rocketkv.core import make_method
+
+    b, hkv, g, d = q.shape
+    n = keys.shape[2]
+    hsa = make_method("hsa", budget=budget).plan(n - 64, 64, d)
+    quest = make_method("quest", budget=budget).plan(n - 64, 64, d)
+    sparq = make_method("sparq", budget=budget).plan(n - 64, 64, d)
+    p, q_p, k = hsa["page_size"], quest["page_size"], hsa["topk"]
+    tables = {size: rand(b, hkv, d, -(-n // size)) for size in (p, q_p)}
+    pages = torch.rand(b, hkv, tables[p].shape[-1])
+    per_head = torch.rand(b, hkv * g, n)
+    idx = torch.rand(b, hkv, g, n).topk(k, dim=-1).indices
+    channels = torch.rand(b, hkv, g, d).topk(sparq["channels"], dim=-1).indices
+    return {
+        "fold_page_bounds": lambda: kernels.fold_page_bounds(keys, tables[p], tables[p], upto, p, "triton"),
+        "hsa_page_probs": lambda: kernels.hsa_page_probs(q, tables[p], tables[p], upto, p, hsa["channels"],
+                                                         "triton"),
+        "quest_group_scores": lambda: kernels.quest_group_scores(q, tables[q_p], tables[q_p], upto, q_p, "triton"),
+        "select_units (hsa pages)": lambda: kernels.select_units(pages, upto, p, k, k, True, backend="triton"),
+        "select_units (slots per head, mass)": lambda: kernels.select_units(per_head, upto, 1, k, k, False,
+                                                                             mass=True, backend="triton"),
+        "slot_scores": lambda: kernels.slot_scores(q, keys, upto, backend="triton"),
+        "slot_scores (sparq channels)": lambda: kernels.slot_scores(q, keys, upto, channels, backend="triton"),
+        "union_reads": lambda: kernels.union_reads(idx, upto, 2 * d, n, channels, d, backend="triton"),
     }
 
 
@@ -74,7 +104,9 @@ def kernel_functions() -> dict[str, object]:
                 fn = fn.fn
             if isinstance(fn, JITFunction) and fn.__module__ == module.__name__:
                 found[f"{info.name}.{name}"] = fn
-    return found
+    # device functions (called from another kernel, never launched) compile inside their callers
+    called = {name for fn in found.values() for name in re.findall(r"\b(\w+)\(", fn.src) if name != fn.__name__}
+    return {key: fn for key, fn in found.items() if fn.__name__ not in called}
 
 
 def recorded_launches(calls: dict[str, Callable[[], object]]) -> list[tuple[str, object, tuple, dict]]:

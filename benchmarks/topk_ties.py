@@ -75,38 +75,40 @@ def summary(device: str, counts: dict[str, int]) -> str:
 
 # ---------------------------------------------------------------------- the smoke-score measurement
 def highest_ties(original):
-    """``topk_slots`` keeping the highest tied slots instead of the lowest (for the measurement only)."""
+    """``kernels.select_units`` keeping the highest live slots of the page at the cut instead of its lowest (for the
+    measurement only; the torch path)."""
     calls = [0]
 
-    def patched(scores, k):
+    def patched(scores, upto, page_size, budget, width, split, mass=False, backend="auto"):
         calls[0] += 1
-        n = scores.shape[-1]
-        flipped = original(scores.flip(-1), k)
-        idx = torch.where(flipped >= 0, n - 1 - flipped, n)
-        idx = idx.sort(dim=-1).values
-        return torch.where(idx >= n, -1, idx)
+        chosen, count, alpha = original(scores, upto, page_size, budget, width, split, mass, backend="torch")
+        if not split or page_size == 1:
+            return chosen, count, alpha
+        taken = chosen >= 0
+        page = torch.where(taken, chosen // page_size, 0)
+        per_page = torch.zeros_like(scores, dtype=torch.long).scatter_add_(-1, page, taken.long())
+        live = (upto - torch.arange(scores.shape[-1], device=scores.device) * page_size).clamp(0, page_size)
+        shift = torch.where((per_page > 0) & (per_page < live), live - per_page, 0)  # the split page only
+        moved = torch.where(taken, chosen + shift.gather(-1, page), chosen)
+        return torch.where(taken, moved, moved.amax() + 1).sort(dim=-1).values.masked_fill_(~taken, -1), count, alpha
 
     return patched, calls
 
 
 def patch_ties(monkey: list) -> list:
-    """Swap ``topk_slots`` in every method module that imported it; returns the call counter."""
-    import sys
+    """Swap ``select_units`` in ``rocketkv.core.kernels`` (every method calls it through the module); returns the
+    call counter."""
+    from rocketkv.core import kernels
 
-    from rocketkv.core.methods import ops
-
-    original = ops.topk_slots
-    patched, calls = highest_ties(original)
-    for name, module in list(sys.modules.items()):
-        if name.startswith("rocketkv.core.methods") and getattr(module, "topk_slots", None) is original:
-            monkey.append((module, original))
-            module.topk_slots = patched
+    patched, calls = highest_ties(kernels.select_units)
+    monkey.append((kernels, kernels.select_units))
+    kernels.select_units = patched
     return calls
 
 
 def unpatch(monkey: list) -> None:
     for module, original in monkey:
-        module.topk_slots = original
+        module.select_units = original
     monkey.clear()
 
 

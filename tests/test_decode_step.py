@@ -13,7 +13,6 @@ import torch
 from conftest import peaky_model
 from rocketkv.core import compress
 from rocketkv.core.graphs import DecodeStep, use_cuda_graphs
-from rocketkv.core.methods import ops
 from rocketkv.core.session import cache_kwarg
 from rocketkv.harness.generation import prefill
 
@@ -100,15 +99,16 @@ def test_a_batch_of_rows_decodes_each_row_as_alone(method, budget, opts):
 
 
 def test_the_emulation_catches_a_step_that_reads_host_state(monkeypatch):
-    """Guards the emulation itself: a step whose slot mask came from the host's slot count (frozen at capture)
-    decodes other tokens in the emulated replay than in the eager loop."""
-    from rocketkv.core.methods import hsa as stage2_module  # RocketKV's decode step
+    """Guards the emulation itself: a step whose slot count came from the host's (frozen at capture) decodes other
+    tokens in the emulated replay than in the eager loop."""
+    from rocketkv.core.methods.hsa import HybridSparseAttention  # RocketKV's decode step
 
-    def from_host(layer, upto):
-        return layer.slot_index < layer.stored
+    device_decode = HybridSparseAttention.decode
 
-    monkeypatch.setattr(ops, "valid_slots", from_host)
-    monkeypatch.setattr(stage2_module, "valid_slots", from_host)
+    def from_host(self, layer, q, upto, plan, scaling):
+        return device_decode(self, layer, q, torch.tensor(layer.stored), plan, scaling)
+
+    monkeypatch.setattr(HybridSparseAttention, "decode", from_host)
     eager, _ = greedy(DecodeStep, "rocketkv", 32, {})
     replay, _ = greedy(FrozenHostReplay, "rocketkv", 32, {})
     assert replay != eager

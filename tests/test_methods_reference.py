@@ -61,9 +61,9 @@ def spy_indices(monkeypatch, method_name):
     seen = []
     mod = importlib.import_module(METHODS[method_name].decode.__module__)
 
-    def spy(layer, q, idx, scaling, backend="auto"):
+    def spy(layer, q, idx, scaling, backend="auto", **kwargs):
         seen.append(idx.clone())
-        return _attend_indices(layer, q, idx, scaling, backend)
+        return _attend_indices(layer, q, idx, scaling, backend, **kwargs)
 
     monkeypatch.setattr(mod, "attend_indices", spy)
     return seen
@@ -603,7 +603,7 @@ def test_a_decode_step_reads_nothing_back_to_the_host(monkeypatch, name, budget)
             patch.setattr(torch.Tensor, attr, host_read)
         m.index(layer, plan, upto)
         out, cost = m.decode(layer, torch.randn(b, hkv, g, d, generator=_gen(7)), upto, plan, d ** -0.5)
-        layer.state.stats.record(0, cost, out.device)
+        layer.state.stats.record(layer, layer.stored, cost)
     assert out.shape == (b, hkv, g, d) and 0 < float(cost.attended) <= layer.stored
     assert layer.state.summary()["attended_tokens"] == float(cost.attended)
 
@@ -623,7 +623,7 @@ def test_attend_indices_equals_each_rows_own_softmax(rows_share_a_set, k):
                                                                                             else rows))])
     idx = idx.view(b, hkv, 1 if rows_share_a_set else rows, k)
     idx[..., -2:] = -1  # pads
-    masked = idx.shape[2] * k * ops.MASKED_ATTENTION_FRACTION >= layer.capacity
+    masked = k * ops.MASKED_ATTENTION_FRACTION >= layer.capacity
     assert masked == (k == 40)  # both paths are exercised
     out = _attend_indices(layer, q, idx, d ** -0.5)
     for bi in range(b):

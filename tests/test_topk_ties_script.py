@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import REPO
-from rocketkv.core.methods import ops
+from rocketkv.core import kernels
 
 SCRIPT = REPO / "benchmarks" / "topk_ties.py"
 
@@ -42,24 +42,33 @@ def test_the_script_prints_one_summary_line_per_device_on_cpu():
 
 def test_the_highest_ties_switch_against_a_reference():
     ties = load_script()
-    highest, calls = ties.highest_ties(ops.topk_slots)
-    scores = torch.tensor([[0.5, 2.0, 1.0, 1.0, 1.0, 1.0, float("-inf"), 0.1]])
-    # k = 3: slot 1 wins, two of the four tied slots 2..5 follow
-    assert ops.topk_slots(scores, 3).tolist() == [[1, 2, 3]]  # ours: the lowest tied slots
-    assert highest(scores, 3).tolist() == [[1, 4, 5]]
-    assert highest(scores, 8).tolist() == [[0, 1, 2, 3, 4, 5, 7, -1]]  # -inf never counts, -1 pads the end
+    highest, calls = ties.highest_ties(kernels.select_units)
+    # pages of 3 slots, 8 live slots (the last page holds 2): page 1 wins, then pages 0 and 2 tie
+    scores = torch.tensor([[1.0, 2.0, 1.0]])
+    upto = torch.tensor(8)
+    ours, count, _ = kernels.select_units(scores, upto, 3, 5, 5, True, backend="torch")
+    assert ours.tolist() == [[0, 1, 3, 4, 5]] and count.tolist() == [5]  # page 1, then page 0's lowest two
+    theirs, count, _ = highest(scores, upto, 3, 5, 5, True)
+    assert theirs.tolist() == [[1, 2, 3, 4, 5]] and count.tolist() == [5]  # page 0's highest two instead
+    # the last page, partly filled, at the cut: its highest live slots are 6 and 7, never the empty 8
+    theirs, _, _ = highest(torch.tensor([[1.0, 2.0, 3.0]]), upto, 3, 4, 6, True)
+    assert theirs.tolist() == [[4, 5, 6, 7, -1, -1]]
     assert calls[0] == 2
 
 
 def test_the_switch_reaches_the_methods_and_is_undone():
-    import rocketkv.core.methods.hsa as hsa
+    from conftest import peaky_model
+    from rocketkv.core import compress
 
+    model = peaky_model("llama")
+    ids = torch.randint(3, 1000, (1, 300), generator=torch.Generator().manual_seed(0))
     ties = load_script()
-    original, monkey = ops.topk_slots, []
-    ties.patch_ties(monkey)
+    original, monkey = kernels.select_units, []
+    calls = ties.patch_ties(monkey)
     try:
-        assert hsa in [module for module, _ in monkey], "HSA's decode no longer uses topk_slots: update patch_ties"
-        assert all(module.topk_slots is not original for module, _ in monkey)
+        with compress(model, "hsa", 32, max_new_tokens=3) as session, torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        assert not session.plan["dense"] and calls[0] == 3 * model.config.num_hidden_layers  # every decode step
     finally:
         ties.unpatch(monkey)
-    assert not monkey and hsa.topk_slots is original and ops.topk_slots is original
+    assert not monkey and kernels.select_units is original

@@ -126,7 +126,7 @@ def _decode(layer: CompressedLayer, q: torch.Tensor, scaling: float) -> torch.Te
         upto = layer.length if i == n - 1 else layer.length - (n - 1 - i)
         method.index(layer, state.plan, upto)
         out, cost = method.decode(layer, q[:, :, :, i], upto, state.plan, scaling)
-        state.stats.record(layer.layer_idx, cost, q.device)
+        state.stats.record(layer, layer.stored - (n - 1 - i), cost)
         outs.append(out)
     out = outs[0].unsqueeze(3) if n == 1 else torch.stack(outs, dim=3)  # [B,Hkv,g,n,d]
     return out.reshape(b, hkv * g, n, d)

@@ -65,6 +65,7 @@ class CompressedLayer(DynamicLayer):
         self.meta: dict[str, Any] = {}
         self.stored = 0
         self.seen = 0
+        self.decoded: tuple = ()  # (first, stop) ranges of the slot counts its decode steps saw (DecodeStats)
         self.compressed = False
         self.kept_after_prefill: float | None = None
         self.captured_q: torch.Tensor | None = None  # last prefill queries, kept for a grid's shared prefill

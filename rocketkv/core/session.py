@@ -172,6 +172,7 @@ class CompressionSession:
         stats = self.stats()
         if self.state is not None:
             self.state.layers = []
+            self.state.stats.static.clear()  # a layer's static cost may hold the layer
         return stats
 
     @property

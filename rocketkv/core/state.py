@@ -9,31 +9,60 @@ from rocketkv.core.methods import Method, StepCost
 from rocketkv.core.methods.full import FullKV
 
 
+def add_steps(runs: tuple, upto: int, n: int) -> tuple:
+    """``runs`` (``(first, stop)`` ranges of the slot counts decoded) with ``n`` more steps from ``upto`` on, or
+    ``-n`` fewer at the end (n < 0).  Tuples, never changed in place: a replay's emulation restores host state."""
+    if n < 0:
+        first, stop = runs[-1]
+        return runs[:-1] + (((first, stop + n),) if stop + n > first else ())
+    if runs and runs[-1][1] == upto:
+        return runs[:-1] + ((runs[-1][0], upto + n),)
+    return runs + ((upto, upto + n),)
+
+
 @dataclass
 class DecodeStats:
-    """Running totals over the decode steps of one generation.  The per-layer counts are device scalars added in
-    place into device totals (so a replayed CUDA graph keeps adding) and read on the host once, in ``summary``: a
-    GPU decode is never stalled.  ``steps`` is counted on the host (``GenerationState.advance`` for replays)."""
+    """Running totals over the decode steps of one generation.
+
+    What the plan and the step's slot count determine is summed once, in ``summary``, from each layer's static
+    cost and the slot counts it decoded (``layer.decoded``, kept on the host, and by ``GenerationState.advance``
+    for replays).  Data-dependent counts are device scalars added in place, one op per layer, into a device vector
+    of per-layer totals (so a replayed CUDA graph keeps adding) and read on the host once, in ``summary``: a GPU
+    decode is never stalled.  ``steps`` is counted on the host."""
 
     steps: int = 0
-    attended: torch.Tensor | None = None
-    elements: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # [layers] float64 on the device
+    static: dict = field(default_factory=dict)  # layer -> its StepCost.static
+    per_count: dict = field(default_factory=dict)  # layer -> (attended, elements) per unit of its count
 
-    def record(self, layer_idx: int, cost: StepCost, device: torch.device) -> None:
-        if layer_idx == 0:
+    def record(self, layer, upto: int, cost: StepCost) -> None:
+        """One decode step of ``layer`` over ``upto`` slots (its host count; the step itself used the device's)."""
+        i = layer.layer_idx
+        if i == 0:
             self.steps += 1
-        if self.attended is None:
-            self.attended = torch.zeros((), dtype=torch.float64, device=device)
-            self.elements = torch.zeros((), dtype=torch.float64, device=device)
-        self.attended.add_(cost.attended)
-        self.elements.add_(cost.elements)
+        layer.decoded = add_steps(layer.decoded, upto, 1)
+        self.static[i] = cost.static
+        if cost.count is not None:
+            if self.counts is None:
+                self.counts = torch.zeros(len(layer.state.layers) or i + 1, dtype=torch.float64,
+                                          device=cost.count.device)
+            self.counts[i].add_(cost.count)
+            self.per_count[i] = cost.per_count
 
     def summary(self, layers: list, element_size: int, metadata_bytes: int) -> dict:
         n_layers = max(1, len(layers))
         steps = max(1, self.steps)
         kept = [l.kept_after_prefill for l in layers if l.kept_after_prefill is not None]
-        elements = 0.0 if self.elements is None else float(self.elements)
-        attended = 0.0 if self.attended is None else float(self.attended)
+        attended = elements = 0.0
+        for layer in layers:
+            if layer.decoded and layer.layer_idx in self.static:
+                uptos = torch.cat([torch.arange(a, b) for a, b in layer.decoded])
+                a, e = self.static[layer.layer_idx](uptos).sum(0).tolist()
+                attended, elements = attended + a, elements + e
+        if self.counts is not None:
+            counts = self.counts.tolist()
+            for i, (per_attended, per_element) in self.per_count.items():
+                attended, elements = attended + counts[i] * per_attended, elements + counts[i] * per_element
         return {
             "kept_tokens": sum(kept) / len(kept) if kept else 0.0,
             "attended_tokens": attended / (steps * n_layers),
@@ -71,6 +100,7 @@ class GenerationState:
         device counters advanced in the replay; their host mirrors and the step count catch up here."""
         self.stats.steps += n_tokens
         for layer in self.layers:
+            layer.decoded = add_steps(layer.decoded, layer.stored + 1, n_tokens)
             layer.stored += n_tokens
             layer.seen += n_tokens
 

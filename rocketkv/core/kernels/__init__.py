@@ -8,6 +8,7 @@ this package works on machines without it.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from types import ModuleType
 
@@ -21,6 +22,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 __all__ = [
     "dense_decode_attention",
+    "fold_page_bounds",
+    "hsa_page_probs",
+    "quest_group_scores",
+    "select_units",
+    "slot_scores",
     "quest_page_scores",
     "rocketkv_page_scores",
     "sparse_decode_attention",
@@ -30,22 +36,12 @@ __all__ = [
 _BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_module() -> ModuleType | None:
+@functools.lru_cache(maxsize=None)
+def _triton_module(name: str = "triton_decode") -> ModuleType | None:
     try:
-        from rocketkv.core.kernels import triton_decode
+        return importlib.import_module(f"rocketkv.core.kernels.{name}")
     except ImportError:
         return None
-    return triton_decode
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_dense_module() -> ModuleType | None:
-    try:
-        from rocketkv.core.kernels import triton_dense
-    except ImportError:
-        return None
-    return triton_dense
 
 
 def sparse_attention_supported(head_dim: int) -> bool:
@@ -132,5 +128,55 @@ def dense_decode_attention(
     CUDA graph).  The triton backend needs a power-of-2 head dim >= 16; "auto" falls back to torch otherwise.
     """
     if use_triton(backend, q, sparse_attention_supported(q.shape[-1])):
-        return _triton_dense_module().dense_decode_attention(q, keys, values, upto, scale)
+        return _triton_module("triton_dense").dense_decode_attention(q, keys, values, upto, scale)
     return reference.dense_decode_attention(q, keys, values, upto, scale)
+
+
+# ---------------------------------------------------------------- a decode step's selection (Triton: one launch each)
+def fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size: int, backend: str = "auto") -> bool:
+    """Fold slot ``upto - 1`` into its page's min/max keys with the Triton kernel; False: use the torch path."""
+    if not use_triton(backend, keys):
+        return False
+    _triton_module("triton_pages").fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size)
+    return True
+
+
+def hsa_page_probs(q, page_min_t, page_max_t, upto, page_size: int, channels: int, backend: str = "auto"):
+    """HSA's per-page slot probabilities ``[B, Hkv, P]`` (``reference.hsa_page_probs``); pages past upto unset
+    on Triton."""
+    if use_triton(backend, q):
+        return _triton_module("triton_pages").hsa_page_probs(q, page_min_t, page_max_t, upto, page_size, channels)
+    return reference.hsa_page_probs(q, page_min_t, page_max_t, upto, page_size, channels)
+
+
+def quest_group_scores(q, page_min_t, page_max_t, upto, page_size: int, backend: str = "auto"):
+    """Quest's page bounds summed over each group's heads ``[B, Hkv, P]``, -inf past ``upto``."""
+    if use_triton(backend, q):
+        return _triton_module("triton_pages").quest_group_scores(q, page_min_t, page_max_t, upto, page_size)
+    return reference.quest_group_scores(q, page_min_t, page_max_t, upto, page_size)
+
+
+def select_units(scores, upto, page_size: int, budget: int, width: int, split: bool, mass: bool = False,
+                 backend: str = "auto"):
+    """Exact top units of each row of ``scores`` ``[B, R, U]`` (``reference.select_units``): slots ``[B, R, width]``
+    ascending with -1 after, their count per row, and (``mass``) their share of the scores' softmax."""
+    if use_triton(backend, scores):
+        return _triton_module("triton_select").select(scores, upto, page_size, budget, width, split, mass)
+    return reference.select_units(scores, upto, page_size, budget, width, split, mass)
+
+
+def slot_scores(q, keys, upto, channels=None, backend: str = "auto"):
+    """``q·k`` per head over the buffer ``[B, Hkv, g, C]`` fp32, -inf from ``upto`` on (``reference.scores``)."""
+    if use_triton(backend, q):
+        return _triton_module("triton_select").scores(q, keys, upto, channels)
+    return reference.scores(q, keys, upto, channels)
+
+
+def union_reads(idx, upto, token_weight: int, n_slots: int, channels=None, n_channels: int = 0,
+                backend: str = "auto"):
+    """Per (row, KV head) ``[B, Hkv]`` int64: distinct slots (below ``n_slots``) of the g heads' sets ``idx``
+    ``[B,Hkv,g,k]`` (-1 pads) times ``token_weight``, plus with ``channels`` ``[B,Hkv,g,r]`` (below ``n_channels``)
+    their distinct channels times ``upto``."""
+    if use_triton(backend, idx):
+        return _triton_module("triton_select").union_reads(idx, upto, token_weight, channels)
+    return reference.union_reads(idx, upto, token_weight, channels, n_slots, n_channels)

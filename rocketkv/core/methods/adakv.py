@@ -9,12 +9,13 @@ hides the padding.  Ties go to the lower head, then the lower position.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import (ADAPTIVE_KERNEL_SIZES, check_pool_kernel, dense_decode, max_pool, pool_kernel,
-                                       topk_slots, visible_mask, window_scores)
+from rocketkv.core.methods.ops import (ADAPTIVE_KERNEL_SIZES, check_pool_kernel, dense_cost, dense_decode, max_pool,
+                                       pool_kernel, topk_slots, window_scores)
 
 
 def adaptive_selection(pooled: torch.Tensor, total: int, floor: int) -> torch.Tensor:
@@ -80,6 +81,13 @@ class AdaKV(Method):
         out, cost = dense_decode(layer, q, upto, scaling, self.kernels)
         if layer.visible is None:
             return out, cost
-        b, hkv, _, d = q.shape
-        read = visible_mask(layer, upto).any(dim=2).sum().double() / b  # each KV head reads its own slots only
-        return out, StepCost(cost.attended, read * (2 * d))
+        return out, StepCost(partial(own_slots_cost, layer), upto)
+
+
+def own_slots_cost(layer, uptos: torch.Tensor) -> torch.Tensor:
+    """Dense attention's static cost rows, with each KV head reading only the slots one of its heads sees."""
+    rows = dense_cost(layer, uptos)
+    b, d = layer.keys.shape[0], layer.keys.shape[-1]
+    read = layer.visible.any(dim=2).double().sum(dim=(0, 1)).div(b).cumsum(0).cpu()[uptos - 1]
+    rows[:, 1] = read * (2 * d)
+    return rows

@@ -29,8 +29,9 @@ The hooks, in the order the session calls them for one sample:
     what the step read.  ``upto`` is a 0-dim device tensor and the layer's tensors are buffers of a fixed
     capacity (slots ``>= upto`` masked out): a step has static shapes and reads no host state, so it can be
     replayed as a CUDA graph.  It must not read tensors back to the host either (that stalls a GPU once per
-    layer): data-dependent counts in ``StepCost`` stay device scalars.  Shape-dependent choices only: never
-    branch on data.
+    layer): what the plan and ``upto`` determine is ``StepCost.static`` (host arithmetic on slot counts, summed
+    once per sample), data-dependent counts are one device scalar (``StepCost.count``).  Shape-dependent choices
+    only: never branch on data.
 
 ``check_shape(num_layers, num_kv_heads)`` (optional)
     The model's shape, before anything runs (``rocketkv.compress`` and the runner's plan check): raise

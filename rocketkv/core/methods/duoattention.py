@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from rocketkv.core.methods.base import Method, register
-from rocketkv.core.methods.ops import covers_sequence, seq_len_for_plan
-from rocketkv.core.methods.streamingllm import keep_sink_and_recent, sliding_decode, sliding_mask
+from rocketkv.core.methods.base import Method, StepCost, register
+from rocketkv.core.methods.ops import covers_sequence, no_static_cost, seq_len_for_plan
+from rocketkv.core.methods.streamingllm import keep_sink_and_recent, sliding_attention, sliding_mask
 
 PATTERN_NAME = "full_attention_heads.tsv"
 SHAPE_HINT = "a tab-separated matrix of numbers, one row per layer and one column per KV head"
@@ -137,4 +137,8 @@ class DuoAttention(Method):
         mask = mask & (layer.slot_index < upto)
         if layer.visible is not None:
             mask = mask & layer.visible
-        return sliding_decode(layer, q, upto, mask, scaling)
+        b, hkv, g, d = q.shape
+        # the g heads of a KV head share its mask: the slots it reads are what each of its heads attends
+        read = mask.expand(b, hkv, -1, -1)[:, :, :1].sum().double()
+        cost = StepCost(no_static_cost, upto, read, (1 / (b * hkv), 2 * d / b))
+        return sliding_attention(layer, q, mask, scaling), cost

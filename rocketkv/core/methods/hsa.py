@@ -11,14 +11,10 @@ Budget mapping on a capacity ``C`` (the whole sequence here, ``C = S``; RocketKV
 import math
 from dataclasses import dataclass
 
-import torch
-
 from rocketkv.core import kernels
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import (attend_indices, covers_sequence, mean_count, seq_len_for_plan, topk_slots,
-                                       valid_slots)
-from rocketkv.core.methods.pages import index_pages, page_to_slots, table_bytes
-from rocketkv.core.methods.sparq import sparq_temperature
+from rocketkv.core.methods.ops import attend_indices, covers_sequence, seq_len_for_plan, topk_cost
+from rocketkv.core.methods.pages import index_pages, table_bytes
 
 
 def stage2_budget(budget: int, capacity: int, head_dim: int) -> dict:
@@ -43,26 +39,25 @@ class HybridSparseAttention(Method):
         return plan
 
     def index(self, layer, plan, upto=None):
-        index_pages(layer, plan["page_size"], upto)
+        index_pages(layer, plan["page_size"], upto, self.kernels)
 
     def metadata_bytes(self, layer, plan):
         return table_bytes(layer, plan["page_size"])
 
+    def step_cost(self, layer, plan):
+        """Attended ``min(k, upto)``; read: the pages' bounds on r channels, then K/V of the attended slots."""
+        p, r, hkv, d = plan["page_size"], plan["channels"], layer.keys.shape[1], layer.keys.shape[-1]
+        return topk_cost(plan["topk"], lambda u, attended: hkv * ((u / p).ceil() * r + attended * 2 * d))
+
     def decode(self, layer, q, upto, plan, scaling):
-        b, hkv, g, d = q.shape
-        p = plan["page_size"]
-        group_q = q.float().sum(dim=2)  # [B,Hkv,d]
-        signs = torch.where(group_q > 0, 1.0, -1.0)
-        channels = q.float().abs().sum(dim=2).topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,r]
-        page_logits = kernels.rocketkv_page_scores(q, layer.meta["page_min_t"], layer.meta["page_max_t"], channels,
-                                                   signs.gather(-1, channels), backend=self.kernels)  # [B,Hkv,g,P]
-        tau = sparq_temperature(q, channels.unsqueeze(2).expand(b, hkv, g, channels.shape[-1]))
-        valid = valid_slots(layer, upto)
-        token_logits = (page_to_slots(page_logits, p, layer.capacity) / tau[..., None]).masked_fill_(~valid,
-                                                                                                   float("-inf"))
-        probs = torch.softmax(token_logits, dim=-1).mean(dim=2, keepdim=True)  # [B,Hkv,1,C]
-        idx = topk_slots(probs.masked_fill_(~valid, float("-inf")), plan["topk"])
-        out = attend_indices(layer, q, idx, scaling, self.kernels)
-        attended = mean_count((idx >= 0).sum(-1))
-        n_pages = (upto + p - 1) // p
-        return out, StepCost(attended, hkv * (n_pages.double() * plan["channels"] + attended * 2 * d))
+        """Page space: every slot of a page shares its page's score, so the per-head softmax over slots averaged
+        over the group is one value per live page (``kernels.hsa_page_probs``), and the top k slots are whole pages
+        in (score desc, page asc) order plus the lowest slots of the page at the cut (``kernels.select_units``):
+        the selection of the slot-space rule, ties to the lower slots.  On CUDA: five Triton launches per layer
+        with ``index``'s fold (two are the sparse attention's), and nothing else."""
+        p, k = plan["page_size"], plan["topk"]
+        probs = kernels.hsa_page_probs(q, layer.meta["page_min_t"], layer.meta["page_max_t"], upto, p,
+                                       plan["channels"], backend=self.kernels)  # [B,Hkv,P]
+        idx = kernels.select_units(probs, upto, p, k, min(k, probs.shape[-1] * p), True, backend=self.kernels)[0]
+        out = attend_indices(layer, q, idx[:, :, None], scaling, self.kernels)
+        return out, StepCost(self.step_cost(layer, plan), upto)

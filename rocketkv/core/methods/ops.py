@@ -5,6 +5,8 @@ Queries use the grouped layout ``[B, Hkv, g, d]``: the g query heads of a KV hea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,16 +14,64 @@ import torch.nn.functional as F
 from rocketkv.core import kernels
 from rocketkv.core.cache import CompressedLayer, gather_slots
 
-MASKED_ATTENTION_FRACTION = 16  # attend_indices masks instead of gathering once G·k >= slots / this
+MASKED_ATTENTION_FRACTION = 8  # attend_indices masks instead of gathering once k >= slots / this
 
 
 @dataclass
 class StepCost:
-    """What one decode step of one layer touched, per sequence.  Data-dependent counts stay 0-dim float64
-    tensors on the device (reading them on the host every layer would stall a GPU decode)."""
+    """What one decode step of one layer read, per sequence.
 
-    attended: float | torch.Tensor  # tokens attended, mean over query heads
-    elements: float | torch.Tensor  # K/V and metadata elements read, summed over KV heads
+    The part the plan and the step's slot count determine is ``static(uptos)``: for host int64 slot counts
+    ``uptos`` ``[n]`` the rows (attended, elements) ``[n, 2]`` float64; ``DecodeStats`` evaluates it once per sample
+    over the slot counts of every step.  The data-dependent part is ``count`` (a device scalar, or None) times the
+    host weights ``per_count`` (attended, elements), added on the device with one op per layer (reading it on the
+    host every layer would stall a GPU decode)."""
+
+    static: Callable[[torch.Tensor], torch.Tensor]
+    upto: torch.Tensor
+    count: torch.Tensor | None = None
+    per_count: tuple[float, float] = (0.0, 0.0)
+
+    def total(self) -> tuple[float, float]:
+        """(attended, elements) of this step, read on the host (tests, benchmarks)."""
+        attended, elements = self.static(self.upto.reshape(1).long().cpu())[0].tolist()
+        if self.count is not None:
+            count = float(self.count)
+            attended, elements = attended + count * self.per_count[0], elements + count * self.per_count[1]
+        return attended, elements
+
+    @property
+    def attended(self) -> float:  # tokens attended, mean over query heads
+        return self.total()[0]
+
+    @property
+    def elements(self) -> float:  # K/V and metadata elements read, summed over KV heads
+        return self.total()[1]
+
+
+def dense_cost(layer: CompressedLayer, uptos: torch.Tensor) -> torch.Tensor:
+    """Static cost rows of dense attention over slots ``[0, upto)``: each head attends to what it may see."""
+    _, hkv, _, d = layer.keys.shape
+    u = uptos.double()
+    if layer.visible is None:
+        attended = u
+    else:  # per slot, the share of query heads that see it; summed up to each upto
+        attended = layer.visible.double().mean(dim=(0, 1, 2)).cumsum(0).cpu()[uptos - 1]
+    return torch.stack([attended, u * (2 * d * hkv)], dim=-1)
+
+
+def no_static_cost(uptos: torch.Tensor) -> torch.Tensor:
+    """Static cost rows of a method whose whole cost is data-dependent (its ``StepCost.count``)."""
+    return torch.zeros(len(uptos), 2, dtype=torch.float64)
+
+
+def topk_cost(topk: int, elements: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Static cost rows of a method attending ``min(topk, upto)`` slots per head, reading ``elements(u, attended)``."""
+    def rows(uptos: torch.Tensor) -> torch.Tensor:
+        u = uptos.double()
+        attended = u.clamp(max=topk)
+        return torch.stack([attended, elements(u, attended)], dim=-1)
+    return rows
 
 
 def seq_len_for_plan(prompt_len: int, max_new_tokens: int, model_max_len: int | None) -> int:
@@ -49,19 +99,6 @@ def visible_mask(layer: CompressedLayer, upto: torch.Tensor) -> torch.Tensor:
     return valid[None] if layer.visible is None else layer.visible & valid
 
 
-def mean_count(counts: torch.Tensor) -> torch.Tensor:
-    """The mean of integer counts as a float64 scalar on the device."""
-    return counts.float().mean().double()
-
-
-def union_count(idx: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """Distinct valid slots per ``[B,Hkv]`` over the trailing axes of ``idx`` (``[B,Hkv,...]``, -1 pads)."""
-    b, hkv = idx.shape[:2]
-    hit = torch.zeros(b, hkv, n_slots + 1, dtype=torch.bool, device=idx.device)
-    hit.scatter_(-1, idx.reshape(b, hkv, -1).clamp(min=-1) + 1, True)  # -1 pads land in column 0, dropped
-    return hit[..., 1:].sum(-1)
-
-
 def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, scaling: float,
                  backend: str = "auto") -> tuple[torch.Tensor, StepCost]:
     """Exact attention of ``q`` over every slot it may see."""
@@ -69,60 +106,72 @@ def dense_decode(layer: CompressedLayer, q: torch.Tensor, upto: torch.Tensor, sc
     if layer.visible is None and kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
         # flash-decoding over the contiguous slots [0, upto): no index, one K/V read for the group's heads
         out = kernels.dense_decode_attention(q, layer.keys, layer.values, upto, scaling, backend=backend)
-        seen = upto.double()
-        return out, StepCost(seen, seen * (2 * d * hkv))
-    vis = visible_mask(layer, upto)
-    # the g query heads of a group stand in the query-length axis: one K/V read serves them all
-    out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=vis, scale=scaling)
-    attended = upto.double() if layer.visible is None else mean_count(vis.sum(-1))
-    return out, StepCost(attended, upto.double() * (2 * d * hkv))
+    else:  # the g query heads of a group stand in the query-length axis: one K/V read serves them all
+        out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=visible_mask(layer, upto),
+                                             scale=scaling)
+    return out, StepCost(partial(dense_cost, layer), upto)
 
 
 def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, scaling: float,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", logits: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over selected slots.
 
     ``idx`` is ``[B,Hkv,G,k]`` with G = 1 (one set shared by the group) or G = g (one per head); -1 pads.
     A shared set runs the Triton kernel on CUDA.  Otherwise small selections gather only their rows of K/V;
-    once the gathered rows (G·k) reach a sixteenth of the buffer, streaming all of it under a selection mask is
-    cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
+    once a set's rows (k) reach an eighth of the buffer, streaming all of it once for the g heads under a
+    selection mask is cheaper than the gather (same result up to rounding).  The choice depends on shapes only, never on data.
+    ``logits`` (``[B,Hkv,g,C]``, the exact fp32 ``q·k`` of every slot, when the caller has them) spare the torch
+    path K: only V of the selected slots is read.
     """
     b, hkv, g, d = q.shape
     G, kk = idx.shape[2], idx.shape[3]
     slots = layer.keys.shape[2]
-    if G == 1 and kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
-        return kernels.sparse_decode_attention(q, layer.keys, layer.values, idx[:, :, 0], scaling, backend=backend)
-    if G * kk * MASKED_ATTENTION_FRACTION >= slots:
-        # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost
+    if kernels.use_triton(backend, q, kernels.sparse_attention_supported(d)):
+        if G == 1:
+            return kernels.sparse_decode_attention(q, layer.keys, layer.values, idx[:, :, 0], scaling, backend=backend)
+        if layer.keys.is_contiguous() and layer.values.is_contiguous():
+            # one set per head: each (row, KV head) as a batch of g heads over the same K/V (stride 0, no copy)
+            kv = [t.view(b * hkv, 1, slots, d).expand(b * hkv, g, slots, d) for t in (layer.keys, layer.values)]
+            out = kernels.sparse_decode_attention(q.reshape(b * hkv, g, 1, d), *kv, idx.reshape(b * hkv, g, kk),
+                                                  scaling, backend=backend)
+            return out.view(b, hkv, g, d)
+    if logits is not None:
+        safe = idx.clamp(min=0)
+        probs = torch.softmax((logits.gather(-1, safe) * scaling).masked_fill_(idx < 0, float("-inf")), dim=-1)
+        v_sel = gather_slots(layer.values, safe.reshape(b, hkv, G * kk)).view(b, hkv, G, kk, d)
+        return torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float()).to(q.dtype)
+    if kk * MASKED_ATTENTION_FRACTION >= slots:
+        # an additive mask: SDPA turns a boolean one into this itself, at a third of the call's cost.  The -1 pads
+        # land in a last column, dropped: the mask keeps the buffer's alignment (a view at offset 1 is refused by
+        # the memory-efficient CUDA kernel in half precision)
         selected = torch.full((b, hkv, G, slots + 1), float("-inf"), dtype=q.dtype, device=idx.device)
-        selected.scatter_(-1, idx.clamp(min=-1) + 1, 0.0)  # -1 pads land in column 0, dropped
-        return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=selected[..., 1:],
+        selected.scatter_(-1, torch.where(idx < 0, slots, idx), 0.0)
+        return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=selected[..., :slots],
                                               scale=scaling)
     safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
     k_sel = gather_slots(layer.keys, safe).view(b, hkv, G, kk, d)
     v_sel = gather_slots(layer.values, safe).view(b, hkv, G, kk, d)
-    logits = torch.einsum("bhgd,bhgkd->bhgk", q.float(), k_sel.float().expand(b, hkv, g, kk, d)) * scaling
-    logits = logits.masked_fill((idx < 0).expand(b, hkv, g, kk), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgk,bhgkd->bhgd", probs, v_sel.float().expand(b, hkv, g, kk, d))
-    return out.to(q.dtype)
+    q_sets = q.float().view(b, hkv, G, g // G, d)  # the heads that share each set
+    logits = (q_sets @ k_sel.float().mT * scaling).masked_fill_((idx < 0).unsqueeze(3), float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ v_sel.float()
+    return out.view(b, hkv, g, d).to(q.dtype)
 
 
 def topk_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` best slots along the last axis, ascending; -inf scores never count (-1 pads the end).
 
-    Equal scores at the cut (RocketKV's tokens of one page share their page's score) go to the lower slots, so the
-    choice does not depend on how far past the live slots the buffer reaches, nor on ``topk``'s internal order.
+    Equal scores at the cut go to the lower slots, so the choice does not depend on how far past the live slots the
+    buffer reaches, nor on ``topk``'s internal order: one ``topk`` over keys made distinct by the slot, one sort.
     Static shapes, no host reads."""
     k = min(k, scores.shape[-1])
-    kth = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = scores > kth
-    tied = scores == kth
-    chosen = (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))) & ~torch.isneginf(scores)
-    rank = torch.where(chosen, chosen.cumsum(-1) - 1, k)  # unchosen slots land in a column past the k kept
-    slots = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
-    out = torch.full((*scores.shape[:-1], k + 1), -1, dtype=torch.long, device=scores.device)
-    return out.scatter_(-1, rank, slots)[..., :k]
+    top = kernels.reference.ordered_keys(scores).topk(k, dim=-1, sorted=False)
+    past = scores.shape[-1]
+    slots = top.indices.masked_fill(top.values < _NEG_INF_KEY, past).sort(dim=-1).values
+    return slots.masked_fill_(slots == past, -1)
+
+
+# keys below this are -inf scores, whatever their slot
+_NEG_INF_KEY = ((int(kernels.reference.ordered_keys(torch.tensor([float("-inf")]))[0]) >> 32) + 1) << 32
 
 
 def window_scores(q_window: torch.Tensor, keys: torch.Tensor, prompt_len: int, window: int,

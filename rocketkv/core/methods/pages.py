@@ -7,15 +7,17 @@ an int builds the pages of slots ``[0, upto)``; with a device ``upto`` (a decode
 """
 import torch
 
+from rocketkv.core import kernels
 from rocketkv.core.cache import CompressedLayer
 from rocketkv.core.methods.ops import ceil_div
 
 
-def index_pages(layer: CompressedLayer, page_size: int, upto: int | torch.Tensor | None = None) -> None:
+def index_pages(layer: CompressedLayer, page_size: int, upto: int | torch.Tensor | None = None,
+                backend: str = "auto") -> None:
     if upto is None or isinstance(upto, int):
         _build(layer, page_size, layer.stored if upto is None else upto)
     else:
-        _fold_newest(layer, page_size, upto)
+        _fold_newest(layer, page_size, upto, backend)
 
 
 def _build(layer: CompressedLayer, page_size: int, upto: int) -> None:
@@ -32,26 +34,25 @@ def _build(layer: CompressedLayer, page_size: int, upto: int) -> None:
         layer.meta[name] = table
 
 
-def _fold_newest(layer: CompressedLayer, page_size: int, upto: torch.Tensor) -> None:
+def _fold_newest(layer: CompressedLayer, page_size: int, upto: torch.Tensor, backend: str) -> None:
     meta = layer.meta
     if meta["page_min_t"].shape[-1] < ceil_div(layer.capacity, page_size):  # the buffers grew (eager decode only)
         grow = ceil_div(layer.capacity, page_size) - meta["page_min_t"].shape[-1]
         for name in ("page_min_t", "page_max_t"):
             meta[name] = torch.nn.functional.pad(meta[name], (0, grow))
+    if not kernels.fold_page_bounds(layer.keys, meta["page_min_t"], meta["page_max_t"], upto, page_size, backend):
+        fold_reference(layer.keys, meta["page_min_t"], meta["page_max_t"], upto, page_size)
+
+
+def fold_reference(keys: torch.Tensor, page_min_t: torch.Tensor, page_max_t: torch.Tensor, upto: torch.Tensor,
+                   page_size: int) -> None:
+    """Fold the key of slot ``upto - 1`` into its page's min/max (a page's first slot replaces them)."""
     slot = (upto - 1).view(1)
     page = slot // page_size
-    key = layer.keys.index_select(2, slot).transpose(2, 3)  # [B,Hkv,d,1]
+    key = keys.index_select(2, slot).transpose(2, 3)  # [B,Hkv,d,1]
     opens = slot % page_size == 0
-    for name, fold in (("page_min_t", torch.minimum), ("page_max_t", torch.maximum)):
-        table = meta[name]
+    for table, fold in ((page_min_t, torch.minimum), (page_max_t, torch.maximum)):
         table.index_copy_(-1, page, torch.where(opens, key, fold(table.index_select(-1, page), key)))
-
-
-def live_pages(layer: CompressedLayer, page_size: int, upto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[P]`` bool: the pages holding slots below ``upto``; and their count (a device scalar)."""
-    n_pages = (upto + page_size - 1) // page_size
-    table = layer.meta["page_min_t"]
-    return torch.arange(table.shape[-1], device=table.device) < n_pages, n_pages
 
 
 def table_bytes(layer: CompressedLayer, page_size: int) -> int:
@@ -59,8 +60,3 @@ def table_bytes(layer: CompressedLayer, page_size: int) -> int:
     tables = [layer.meta[name] for name in ("page_min_t", "page_max_t") if name in layer.meta]
     pages = ceil_div(layer.stored, page_size)
     return sum(t[..., :pages].numel() * t.element_size() for t in tables)
-
-
-def page_to_slots(page_scores: torch.Tensor, page_size: int, slots: int) -> torch.Tensor:
-    """Broadcast per-page scores ``[..., P]`` to the first ``slots`` slots ``[..., slots]``."""
-    return page_scores.repeat_interleave(page_size, dim=-1)[..., :slots]

@@ -9,28 +9,20 @@ what gives is the approximation, which then reads ``(S/k)·2d`` elements, more t
 it).  The plan records ``selected_pages`` and ``page_size_capped``.
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from rocketkv.core import kernels
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import (attend_indices, ceil_div, covers_sequence, mean_count, seq_len_for_plan,
-                                       topk_slots)
-from rocketkv.core.methods.pages import index_pages, table_bytes, live_pages
+from rocketkv.core.methods.ops import attend_indices, ceil_div, covers_sequence, seq_len_for_plan
+from rocketkv.core.methods.pages import index_pages, table_bytes
 
 
 def selected_pages(topk: int, page_size: int) -> int:
     if page_size > topk:
         raise ValueError(f"Quest plan: page_size={page_size} exceeds topk={topk}; a page must fit the attended tokens")
     return topk // page_size
-
-
-def page_slots(pages: torch.Tensor, page_size: int, limit) -> torch.Tensor:
-    """The slots of the chosen ``pages`` (``[..., m]``, -1 pads) as ``[..., m·p]``; pad pages and slots at or past
-    ``limit`` (an int, or a tensor broadcasting over the leading axes) become -1."""
-    slots = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
-    padded = (pages.unsqueeze(-1) < 0).expand(*pages.shape, page_size).flatten(-2)
-    return slots.masked_fill(padded | (slots >= limit), -1)
 
 
 @register
@@ -60,19 +52,26 @@ class Quest(Method):
                 "dense": covers_sequence(pages * page_size, prompt_len, max_new_tokens)}
 
     def index(self, layer, plan, upto=None):
-        index_pages(layer, plan["page_size"], upto)
+        index_pages(layer, plan["page_size"], upto, self.kernels)
 
     def metadata_bytes(self, layer, plan):
         return table_bytes(layer, plan["page_size"])
 
     def decode(self, layer, q, upto, plan, scaling):
         p = plan["page_size"]
-        bounds = kernels.quest_page_scores(q, layer.meta["page_min_t"], layer.meta["page_max_t"],
-                                           backend=self.kernels)  # [B,Hkv,g,P]
-        live, n_pages = live_pages(layer, p, upto)
-        group_bounds = bounds.sum(dim=2, keepdim=True).masked_fill(~live, float("-inf"))  # pages chosen per group
-        slots = page_slots(topk_slots(group_bounds, selected_pages(plan["topk"], p)), p, upto)  # [B,Hkv,1,m·p]
-        out = attend_indices(layer, q, slots, scaling, self.kernels)
-        hkv, d = q.shape[1], q.shape[-1]
-        attended = mean_count((slots >= 0).sum(-1))
-        return out, StepCost(attended, hkv * (n_pages.double() * 2 * d + attended * 2 * d))
+        m = selected_pages(plan["topk"], p)
+        bounds = kernels.quest_group_scores(q, layer.meta["page_min_t"], layer.meta["page_max_t"], upto, p,
+                                            backend=self.kernels)  # [B,Hkv,P]: the group's pages, -inf past upto
+        slots, count, _ = kernels.select_units(bounds, upto, p, m, min(m, bounds.shape[-1]) * p, False,
+                                               backend=self.kernels)  # the best m pages' slots below upto
+        out = attend_indices(layer, q, slots[:, :, None], scaling, self.kernels)
+        b, hkv, _, d = q.shape
+        static = partial(_page_reads, hkv * 2 * d, p)
+        # attended: the chosen pages' slots below upto (the newest page may be among them, partly filled)
+        return out, StepCost(static, upto, count.sum(), (1 / (b * hkv), 2 * d / b))
+
+
+def _page_reads(per_page: int, page_size: int, uptos: torch.Tensor) -> torch.Tensor:
+    """Static cost rows of Quest: the bounds of every live page (attended tokens are data-dependent)."""
+    u = uptos.double()
+    return torch.stack([torch.zeros_like(u), (u / page_size).ceil() * per_page], dim=-1)

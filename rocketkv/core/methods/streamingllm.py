@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import covers_sequence
+from rocketkv.core.methods.ops import covers_sequence, topk_cost
 
 
 def sliding_mask(layer, upto: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
@@ -33,14 +33,9 @@ def keep_sink_and_recent(layer, prompt_len: int, sink: int, recent: int) -> None
     layer.keep(slots.expand(b, hkv, -1))
 
 
-def sliding_decode(layer, q: torch.Tensor, upto: torch.Tensor, mask: torch.Tensor, scaling: float):
-    """Exact attention of ``q`` (``[B,Hkv,g,d]``) under ``mask`` (broadcast to ``[B,Hkv,g,C]``); the cost counts the
-    slots each KV head reads (mean over query heads for ``attended``)."""
-    b, hkv, g, d = q.shape
-    out = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask, scale=scaling)
-    per_head = mask.expand(b, hkv, g, -1).any(dim=2).sum(-1)  # [B,Hkv]: slots a KV head's group reads
-    attended = mask.expand(b, hkv, g, -1).sum(-1).float().mean().double()
-    return out, StepCost(attended, per_head.sum().double() / b * (2 * d))
+def sliding_attention(layer, q: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Exact attention of ``q`` (``[B,Hkv,g,d]``) under ``mask`` (broadcast to ``[B,Hkv,g,C]``)."""
+    return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask, scale=scaling)
 
 
 @register
@@ -65,4 +60,7 @@ class StreamingLLM(Method):
         keep_sink_and_recent(layer, prompt_len, plan["sink"], plan["recent"])
 
     def decode(self, layer, q, upto, plan, scaling):
-        return sliding_decode(layer, q, upto, sliding_mask(layer, upto, plan["sink"], plan["recent"])[None], scaling)
+        out = sliding_attention(layer, q, sliding_mask(layer, upto, plan["sink"], plan["recent"])[None], scaling)
+        hkv, d = q.shape[1], q.shape[-1]
+        # every head attends min(upto, t) slots: the sinks and the window, or all of them while they fit
+        return out, StepCost(topk_cost(self.budget, lambda u, attended: attended * (2 * d * hkv)), upto)

@@ -1,10 +1,9 @@
 """Exact top-k oracle: per query head, exact scores over the whole cache, softmax over the best ``k = t`` only."""
 from dataclasses import dataclass
 
-import torch
-
+from rocketkv.core import kernels
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import attend_indices, covers_sequence, mean_count, topk_slots, union_count, visible_mask
+from rocketkv.core.methods.ops import attend_indices, covers_sequence, topk_cost
 
 
 @register
@@ -16,10 +15,14 @@ class ExactTopK(Method):
         return {"topk": self.budget, "dense": covers_sequence(self.budget, prompt_len, max_new_tokens)}
 
     def decode(self, layer, q, upto, plan, scaling):
-        scores = torch.einsum("bhgd,bhsd->bhgs", q.float(), layer.keys.float())
-        scores.masked_fill_(~visible_mask(layer, upto), float("-inf"))
-        idx = topk_slots(scores, plan["topk"])  # [B,Hkv,g,k]: one set per query head
-        out = attend_indices(layer, q, idx, scaling, self.kernels)
-        b, hkv, _, d = q.shape
-        values_read = union_count(idx, layer.capacity).float().sum().double() / b
-        return out, StepCost(mean_count((idx >= 0).sum(-1)), upto.double() * (d * hkv) + values_read * d)
+        b, hkv, g, d = q.shape
+        k, slots = plan["topk"], layer.capacity
+        # fp32 scores from the cache as stored (no up-cast copy of K), -inf from upto on
+        scores = kernels.slot_scores(q, layer.keys, upto, backend=self.kernels)  # [B,Hkv,g,C]
+        idx = kernels.select_units(scores.view(b, hkv * g, slots), upto, 1, k, min(k, slots), False,
+                                   backend=self.kernels)[0].view(b, hkv, g, -1)  # one set per query head
+        out = attend_indices(layer, q, idx, scaling, self.kernels, logits=scores)
+        # read: K of every slot, then V of the union of the group's sets
+        static = topk_cost(k, lambda u, attended: u * (d * hkv))
+        reads = kernels.union_reads(idx, upto, 1, slots, backend=self.kernels).sum()
+        return out, StepCost(static, upto, reads, (0.0, d / b))
