@@ -26,6 +26,7 @@ only makes room for the turn.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -46,10 +47,16 @@ def gather_slots(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
     span = ((b - 1) * t.stride(0) + (h - 1) * t.stride(1)) // width + n  # slot rows from the first to the last
     rows = t.as_strided((span, width), (width, 1), t.storage_offset())
-    first_row = (torch.arange(b, device=t.device)[:, None] * t.stride(0)
-                 + torch.arange(h, device=t.device) * t.stride(1)) // width
-    picked = rows.index_select(0, (slots + first_row[..., None]).reshape(-1))
+    first_row = _first_rows(b, h, t.stride(0) // width, t.stride(1) // width, t.device)
+    picked = rows.index_select(0, (slots + first_row).reshape(-1))
     return picked.view(b, h, slots.shape[-1], *t.shape[3:])
+
+
+@functools.lru_cache(maxsize=256)
+def _first_rows(b: int, h: int, batch_rows: int, head_rows: int, device: torch.device) -> torch.Tensor:
+    """``[B, H, 1]``: the row of each (batch, head)'s first slot in ``gather_slots``'s row view.  Cached: a decode
+    step gathers with the same few layouts in every layer, and building them costs more than the gather."""
+    return (torch.arange(b, device=device)[:, None] * batch_rows + torch.arange(h, device=device) * head_rows)[..., None]
 
 
 class CompressedLayer(DynamicLayer):
