@@ -91,14 +91,18 @@ def run_cli(monkeypatch, capsys, tmp_path):
     return _run
 
 
+def one_error_line(code, err) -> str:
+    """The one ``error:`` line a refused run prints, with exit code 2."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
 @pytest.mark.parametrize("overrides,fragments", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_is_one_error_line_with_exit_code_2(run_cli, overrides, fragments):
-    code, err = run_cli(*overrides)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line = one_error_line(*run_cli(*overrides))
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in line, (fragment, line)
 
 
 def test_a_budget_below_the_window_names_the_budget_that_works(monkeypatch, capsys, tmp_path):
@@ -154,12 +158,6 @@ def test_the_longbench_hub_error_points_at_a_section_that_exists():
 @pytest.mark.parametrize("overrides,fragments", NEW_USER_INPUTS, ids=[" ".join(o) for o, _ in NEW_USER_INPUTS])
 def test_new_user_input_is_one_error_line(run_cli, overrides, fragments):
     test_bad_input_is_one_error_line_with_exit_code_2(run_cli, overrides, fragments)
-
-
-def one_error_line(code, err) -> str:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_a_hub_model_without_the_hub_says_how_to_use_a_local_copy(monkeypatch, capsys, tmp_path):
