@@ -56,6 +56,37 @@ def test_select_units_is_the_slot_space_rule(split, page_size, budget, upto):
         assert row.tolist() == want + [-1] * (64 - len(want)) and int(c) == len(want)
 
 
+@pytest.mark.parametrize("kind", ["random", "ties", "dead -inf"])
+@pytest.mark.parametrize("page_size,split", [(1, False), (3, True), (2, False)])
+def test_select_units_prunes_long_rows_exactly(kind, page_size, split):
+    """Rows of many units are searched only in the blocks with the best maxima (``_prune_block`` > 1 here): the
+    units chosen are those of the plain rule, ties at the cut to the lower unit, and SparQ's mass is unchanged."""
+    units, budget = 5000, 24 if split else 20
+    gen = _gen(units + page_size)
+    scores = {"random": torch.randn(2, 3, units, generator=gen),
+              "ties": torch.randint(0, 3, (2, 3, units), generator=gen).float(),
+              "dead -inf": torch.randn(2, 3, units, generator=gen)}[kind]
+    upto = units * page_size - 7
+    if kind == "dead -inf":
+        scores[..., units // 2:] = float("-inf")
+        scores[..., ::5] = 2.5  # tied units that straddle block edges
+    m = -(-budget // page_size) + 1 if split else budget
+    assert kernels.reference._prune_block(units, m) > 1
+    idx, count, mass = kernels.reference.select_units(scores, torch.tensor(upto), page_size, budget, 64, split,
+                                                      mass=page_size == 1)
+    n_live = -(-upto // page_size)
+    for row, c, s in zip(idx.view(-1, 64), count.view(-1), scores.view(-1, units)):
+        order = [u for u in naive_slot_order(s) if u < n_live] + [u for u in range(n_live) if s[u] == float("-inf")]
+        slots = [u * page_size + t for u in (order if split else order[:budget]) for t in range(page_size)
+                 if u * page_size + t < upto]
+        want = sorted(slots[:budget] if split else slots)
+        assert row.tolist() == want + [-1] * (64 - len(want)) and int(c) == len(want)
+    if page_size == 1:
+        probs = torch.softmax(scores, dim=-1)
+        want_mass = torch.stack([probs.view(-1, units)[i, r[r >= 0]].sum() for i, r in enumerate(idx.view(-1, 64))])
+        torch.testing.assert_close(mass.view(-1), want_mass)
+
+
 @pytest.mark.parametrize("g,d,p,r", [(4, 32, 3, 5), (1, 16, 1, 16), (3, 12, 4, 2)])
 def test_hsa_page_probs_equal_the_slot_space_softmax(g, d, p, r):
     """Per head a softmax over the live slots of the page scores (each slot its page's), averaged over the group:
@@ -125,6 +156,7 @@ def test_half_precision_cache_selects_as_float_and_matches_to_rounding(monkeypat
         layer.keys = layer.keys.bfloat16().to(dtype)
         layer.values = layer.values.bfloat16().to(dtype)
         q = torch.randn(b, hkv, g, d, generator=_gen(9)).bfloat16().to(dtype)
+        m.index(layer, layer.state.plan, n)
         outs.append(m.decode(layer, q, torch.tensor(n), layer.state.plan, d ** -0.5)[0])
     assert torch.equal(seen[0], seen[1])
     assert outs[0].dtype == torch.bfloat16

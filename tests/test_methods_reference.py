@@ -253,16 +253,25 @@ def test_quest_reference(monkeypatch, shape, n, plan):
 @pytest.mark.parametrize("n,plan", [(97, {"channels": 3, "topk": 20}), (131, {"channels": 1, "topk": 9}),
                                     (45, {"channels": 7, "topk": 60}), (64, {"channels": 5, "topk": 63})])
 def test_sparq_reference(monkeypatch, shape, n, plan):
+    """Per head: the top-r |q| channels score every slot over SparQ's temperature, the top k slots are attended
+    exactly, and mean(V) over every stored slot (kept as a running sum as slots arrive) takes the rest of the mass."""
     b, hkv, g, d = shape
     plan = {**plan, "channels": min(plan["channels"], d)}
     m = make_method("sparq", 256, kernels="torch")
     layer, K, V = make_layer(m, b, hkv, g, d, n, seed=3 * n + d, plan=plan)
     seen = spy_indices(monkeypatch, "sparq")
     scale = d ** -0.5
-    q = torch.randn(b, hkv, g, d, generator=_gen(n))
-    out, _ = m.decode(layer, q, as_upto(n), plan, scale)
-    idx = seen[-1]
-    K64, V64, q64 = K.double(), V.double(), q.double()
+    extra_k = torch.randn(b, hkv, 3, d, generator=_gen(n + 1))
+    extra_v = torch.randn(b, hkv, 3, d, generator=_gen(n + 2))
+    for step, upto, K64, V64 in grow_cache(layer, K, V, extra_k, extra_v, steps=3):
+        q = torch.randn(b, hkv, g, d, generator=_gen(n + 10 * step))
+        m.index(layer, plan, n) if step == 0 else m.index(layer, plan, as_upto(upto))
+        out, _ = m.decode(layer, q, as_upto(upto), plan, scale)
+        check_sparq_step(out, seen[-1], q.double(), K64, V64, plan, scale)
+
+
+def check_sparq_step(out, idx, q64, K64, V64, plan, scale):
+    b, hkv, g, d = q64.shape
     r, k = plan["channels"], plan["topk"]
     for bi in range(b):
         for kh in range(hkv):

@@ -87,7 +87,8 @@ def efficiency_table(results: list[dict]) -> str | None:
         *(PEAK_LABELS[s] for s in sorted(s for s in sources if s in PEAK_LABELS)),
         *(["peak mem: not measured on this device (-)"] if sources - set(PEAK_LABELS) else []),
         "read/step = accounted K/V + metadata bytes read per decode step (all layers); stored KV = K/V bytes kept "
-        "at the end of the decode; +meta = the method's page min/max keys stored on top"
+        "at the end of the decode; +meta = the method's own metadata stored on top (page min/max keys, SparQ's "
+        "sum of V)"
         + ("; kernels/step = kernel launches of one replayed step (the captured CUDA graph's kernel nodes)"
            if "kernels/step" in header else ""),
         fmt(header),

@@ -40,16 +40,26 @@ def gather_slots(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``t[b, h, slots[b, h, i]]`` as ``[B, H, m, ...]`` for ``t`` ``[B, H, S, ...]`` and in-range ``slots``
     ``[B, H, m]``: one row copy per slot (``index_select`` over the slot rows), several times faster on CPU than
     ``torch.gather`` with an index expanded over the trailing axes."""
-    b, h, n = t.shape[:3]
-    width = math.prod(t.shape[3:])
-    rows_aligned = t.stride(2) == width and t.stride(0) % width == 0 and t.stride(1) % width == 0
-    if not (rows_aligned and t[:1, :1, :1].is_contiguous()):
-        t = t.contiguous()
-    span = ((b - 1) * t.stride(0) + (h - 1) * t.stride(1)) // width + n  # slot rows from the first to the last
-    rows = t.as_strided((span, width), (width, 1), t.storage_offset())
-    first_row = _first_rows(b, h, t.stride(0) // width, t.stride(1) // width, t.device)
-    picked = rows.index_select(0, (slots + first_row).reshape(-1))
-    return picked.view(b, h, slots.shape[-1], *t.shape[3:])
+    return gather_slots_of((t,), slots)[0]
+
+
+def gather_slots_of(tensors: tuple[torch.Tensor, ...], slots: torch.Tensor) -> list[torch.Tensor]:
+    """``gather_slots`` of each tensor (K and V of a layer): the row index is built once for tensors alike in
+    layout."""
+    out, index, layout = [], None, None
+    for t in tensors:
+        b, h, n = t.shape[:3]
+        width = math.prod(t.shape[3:])
+        rows_aligned = t.stride(2) == width and t.stride(0) % width == 0 and t.stride(1) % width == 0
+        if not (rows_aligned and t[:1, :1, :1].is_contiguous()):
+            t = t.contiguous()
+        span = ((b - 1) * t.stride(0) + (h - 1) * t.stride(1)) // width + n  # slot rows from the first to the last
+        rows = t.as_strided((span, width), (width, 1), t.storage_offset())
+        if layout != (b, h, t.stride(0) // width, t.stride(1) // width):
+            layout = (b, h, t.stride(0) // width, t.stride(1) // width)
+            index = (slots + _first_rows(*layout, t.device)).reshape(-1)
+        out.append(rows.index_select(0, index).view(b, h, slots.shape[-1], *t.shape[3:]))
+    return out
 
 
 @functools.lru_cache(maxsize=256)

@@ -12,8 +12,6 @@ import functools
 
 import torch
 
-from rocketkv.core.cache import gather_slots
-
 
 def rocketkv_page_scores(
     q: torch.Tensor,
@@ -112,12 +110,68 @@ def _descending(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n - 1, -1, -1, device=device)
 
 
-def ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _unit_starts(units: int, page_size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(units, device=device) * page_size
+
+
+@functools.lru_cache(maxsize=16)
+def _offsets(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+def _live_cap(units: int, page_size: int, upto: torch.Tensor, device) -> torch.Tensor:
+    """``[U]`` float32: +inf for the units holding slots below ``upto``, -inf past them.  ``minimum`` with it masks a
+    row exactly (-0.0 and all) at a sixth of ``masked_fill``'s cost on CPU."""
+    return torch.where(_unit_starts(units, page_size, device) >= upto, float("-inf"), float("inf"))
+
+
+def ordered_keys(scores: torch.Tensor, units: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
     """Distinct int64 keys in the order (score desc, index asc) along the last axis: the float32 score's
-    order-preserving int32 bits above, the index reversed below (``topk`` on them keeps the tie rule)."""
+    order-preserving int32 bits above, the index reversed below (``topk`` on them keeps the tie rule).  ``units``
+    (int64, broadcast to ``scores``) are the indices when they are not the positions, all at most ``last``."""
     bits = scores.float().contiguous().view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.long() << 32) | _descending(scores.shape[-1], scores.device)
+    ordered = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits).long().bitwise_left_shift_(32)
+    if units is None:
+        return ordered.bitwise_or_(_descending(scores.shape[-1], scores.device))
+    return ordered.bitwise_or_(last - units)
+
+
+PRUNE_FROM = 4096  # a CPU ``topk`` over fewer units costs less than the pruning's extra steps
+
+
+def _prune_block(units: int, m: int) -> int:
+    """Units per block for ``_top_units``'s pruning (1: none): from ``PRUNE_FROM`` units, a power of two leaving at
+    least 4m blocks, at most 64."""
+    if units < PRUNE_FROM:
+        return 1
+    block = 1
+    while block < 64 and units >= 8 * m * block:
+        block *= 2
+    return block if block >= 4 else 1
+
+
+def _top_units(scores: torch.Tensor, m: int, ranked: bool = True) -> torch.Tensor:
+    """The ``m`` best units of each row of ``scores`` ``[..., U]`` by (score desc, unit asc), in that order (with
+    ``ranked``; else in any order).
+
+    Long rows are pruned first (a CPU ``topk`` over thousands of units costs most of a decode step): the units are
+    cut into blocks, ranked by (block max desc, block asc), which is the order of each block's best unit, and only
+    the ``m`` best blocks are searched; a unit among the m best lies in one of them (each of m blocks ranked above
+    its own would hold a better unit).  Padding units (index >= U) score -inf and rank after every real unit."""
+    units = scores.shape[-1]
+    block = _prune_block(units, m)
+    if block == 1:
+        return ordered_keys(scores).topk(m, dim=-1, sorted=ranked).indices
+    blocks = -(-units // block)
+    padded = torch.nn.functional.pad(scores, (0, blocks * block - units), value=float("-inf"))
+    grouped = padded.view(*scores.shape[:-1], blocks, block)
+    maxima = torch.nn.functional.max_pool1d(padded.view(-1, 1, blocks * block), block).view(grouped.shape[:-1])
+    best = ordered_keys(maxima).topk(m, dim=-1, sorted=False).indices.unsqueeze(-1)  # [..., m, 1] block ids
+    candidates = grouped.gather(-2, best.expand(*best.shape[:-1], block)).flatten(-2)
+    ids = (best * block + _offsets(block, scores.device)).flatten(-2)
+    last = blocks * block - 1
+    return ids.gather(-1, ordered_keys(candidates, ids, last).topk(m, dim=-1, sorted=ranked).indices)
 
 
 def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budget: int, width: int,
@@ -129,17 +183,23 @@ def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budge
     share of the softmax of the scores over the live slots (exactly 1 when every live slot is chosen)."""
     units = scores.shape[-1]
     m = min(units, -(-budget // page_size) + 1 if split else budget)
-    dead = torch.arange(units, device=scores.device) * page_size >= upto  # units past upto never count
-    top = ordered_keys(scores).masked_fill_(dead, torch.iinfo(torch.long).min).topk(m, dim=-1).indices
-    slots = (upto - top * page_size).clamp(0, page_size)  # live slots of each ranked unit (0 once past upto)
-    take = (budget - (slots.cumsum(-1) - slots)).clamp(min=0).minimum(slots) if split else slots
-    t = torch.arange(page_size, device=scores.device)
-    chosen = torch.where(t < take[..., None], top[..., None] * page_size + t, _PAST).flatten(-2)
+    # units past upto score -inf: they rank after every live unit (ties go to the lower unit) and are dropped below
+    live_scores = torch.minimum(scores.float(), _live_cap(units, page_size, upto, scores.device))
+    top = _top_units(live_scores, m, ranked=split)  # [..., m], in rank order where the budget counts slots
+    if page_size == 1 and not split:  # slot units: each ranked live unit is one chosen slot
+        chosen = top.masked_fill(top >= upto, _PAST)
+        count = (top < upto).sum(-1)
+    else:  # the slots of the ranked units in rank order, each unit's ascending; with split the first budget live
+        slot = (top.unsqueeze(-1) * page_size + _offsets(page_size, scores.device)).flatten(-2)
+        take = slot < upto
+        if split:
+            take &= take.cumsum(-1) <= budget
+        chosen = torch.where(take, slot, _PAST)
+        count = take.sum(-1)
     chosen = chosen.sort(dim=-1).values[..., :width]
     if chosen.shape[-1] < width:
         chosen = torch.nn.functional.pad(chosen, (0, width - chosen.shape[-1]), value=_PAST)
     chosen.masked_fill_(chosen == _PAST, -1)
-    count = take.sum(-1)
     if not mass:
         return chosen, count, None
     probs = torch.softmax(scores.float(), dim=-1).gather(-1, chosen.clamp(min=0)).masked_fill_(chosen < 0, 0.0)
@@ -147,27 +207,28 @@ def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budge
 
 
 def _live_slots(upto: torch.Tensor, pages: int, page_size: int, device) -> torch.Tensor:
-    return (upto - torch.arange(pages, device=device) * page_size).clamp(0, page_size)
+    return (upto - _unit_starts(pages, page_size, device)).clamp(0, page_size)
 
 
 def hsa_page_probs(q, page_min_t, page_max_t, upto, page_size: int, channels: int) -> torch.Tensor:
     """HSA's slot probabilities in page space ``[B, Hkv, P]``: per head the softmax over live slots of the page
     scores on the group's top-``channels`` |q| channels (max key where the group's summed q is positive, else min)
-    over SparQ's temperature, averaged over the group's heads; every slot of a page shares its page's value."""
+    over SparQ's temperature, averaged over the group's heads; every slot of a page shares its page's value.
+
+    The channels are a 0/1 mask over d, so the page scores are two products with the whole tables (on CPU cheaper
+    than gathering r rows of each) and a page's live slots enter the softmax as ``log(slots)``."""
     b, hkv, g, d = q.shape
     pages = page_max_t.shape[-1]
     qf = q.float()
     abs_q = qf.abs()
-    ch = abs_q.sum(2).topk(channels, dim=-1, sorted=False).indices  # [B,Hkv,r]
-    use_max = qf.sum(2).gather(-1, ch) > 0
-    q_sel = qf.gather(-1, ch[:, :, None].expand(b, hkv, g, channels))
-    tau = (d * q_sel.abs().sum(-1) / abs_q.sum(-1).clamp_min(1e-30)).sqrt()
-    tau = torch.where(tau > 0, tau, 1.0)  # a zero query: uniform scores (the lowest slots at the cut), not 0/0
-    rows = torch.where(use_max[..., None], gather_slots(page_max_t, ch), gather_slots(page_min_t, ch)).float()
+    top = abs_q.sum(2, keepdim=True).topk(channels, dim=-1, sorted=False).indices  # [B,Hkv,1,r]
+    picked = torch.zeros(b, hkv, 1, d, device=q.device).scatter_(-1, top, 1.0)
+    tau2 = (abs_q @ picked.mT) * d / abs_q.sum(-1, keepdim=True).clamp_min(1e-30)  # [B,Hkv,g,1]
+    w = qf * torch.where(tau2 > 0, tau2.rsqrt(), 1.0) * picked  # a zero query: uniform scores, not 0/0
+    w_max = w * (qf.sum(2, keepdim=True) > 0)  # the channels scored with the page max
+    z = (w - w_max) @ page_min_t.float() + w_max @ page_max_t.float()
     slots = _live_slots(upto, pages, page_size, q.device)
-    z = (q_sel @ rows * (1.0 / tau)[..., None]).masked_fill_(slots == 0, float("-inf"))
-    e = (z - z.amax(-1, keepdim=True)).exp_()
-    return (e * (1.0 / (e * slots).sum(-1, keepdim=True))).sum(2) / g
+    return torch.softmax(z + slots.log(), dim=-1).mean(2) / slots.clamp_min(1)
 
 
 def quest_group_scores(q, page_min_t, page_max_t, upto, page_size: int) -> torch.Tensor:
@@ -182,21 +243,21 @@ def quest_group_scores(q, page_min_t, page_max_t, upto, page_size: int) -> torch
 
 def scores(q, keys, upto, channels=None, chunk: int = 4096) -> torch.Tensor:
     """``q·k`` per head over the buffer's slots ``[B, Hkv, g, C]`` in fp32, -inf from ``upto`` on; with ``channels``
-    ``[B, Hkv, g, r]`` only those channels, times SparQ's 1/tau.  A non-fp32 cache is up-cast a chunk at a time."""
+    ``[B, Hkv, g, r]`` only those channels, times SparQ's 1/tau.  A non-fp32 cache is up-cast a chunk at a time.
+
+    With ``channels`` the query is zero off them: a product with all of K costs less on CPU than gathering r
+    channels of it, and the zeros add nothing."""
     qf = q.float()
-    if channels is not None:  # only those channels of K are read: gathered per head, then up-cast
-        b, hkv, g, r = channels.shape
+    if channels is not None:
         picked = qf.gather(-1, channels)
-        inv_tau = (qf.abs().sum(-1) / (q.shape[-1] * picked.abs().sum(-1).clamp_min(1e-30))).sqrt()
-        cap = keys.shape[2]
-        k_sel = keys.unsqueeze(2).expand(b, hkv, g, cap, keys.shape[-1]).gather(
-            -1, channels.unsqueeze(3).expand(b, hkv, g, cap, r)).float()  # [B,Hkv,g,C,r]
-        out = torch.einsum("bhgr,bhgcr->bhgc", picked * inv_tau[..., None], k_sel)
-    elif keys.dtype == torch.float32:
+        inv_tau = (qf.abs().sum(-1, keepdim=True)
+                   / (q.shape[-1] * picked.abs().sum(-1, keepdim=True).clamp_min(1e-30))).sqrt()
+        qf = torch.zeros_like(qf).scatter_(-1, channels, picked * inv_tau)
+    if keys.dtype == torch.float32:
         out = qf @ keys.mT
     else:
         out = torch.cat([qf @ keys[:, :, s:s + chunk].float().mT for s in range(0, keys.shape[2], chunk)], dim=-1)
-    return out.masked_fill_(torch.arange(keys.shape[2], device=q.device) >= upto, float("-inf"))
+    return out.clamp_(max=_live_cap(keys.shape[2], 1, upto, q.device))
 
 
 def _distinct(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rocketkv.core import kernels
-from rocketkv.core.cache import CompressedLayer, gather_slots
+from rocketkv.core.cache import CompressedLayer, gather_slots, gather_slots_of
 
 MASKED_ATTENTION_FRACTION = 8  # attend_indices masks instead of gathering once k >= slots / this
 
@@ -148,12 +148,11 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
         selected.scatter_(-1, torch.where(idx < 0, slots, idx), 0.0)
         return F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=selected[..., :slots],
                                               scale=scaling)
-    safe = idx.clamp(min=0).reshape(b, hkv, G * kk)
-    k_sel = gather_slots(layer.keys, safe).view(b, hkv, G, kk, d)
-    v_sel = gather_slots(layer.values, safe).view(b, hkv, G, kk, d)
+    k_sel, v_sel = gather_slots_of((layer.keys, layer.values), idx.clamp(min=0).reshape(b, hkv, G * kk))
     q_sets = q.float().view(b, hkv, G, g // G, d)  # the heads that share each set
-    logits = (q_sets @ k_sel.float().mT * scaling).masked_fill_((idx < 0).unsqueeze(3), float("-inf"))
-    out = torch.softmax(logits, dim=-1) @ v_sel.float()
+    logits = (q_sets @ k_sel.view(b, hkv, G, kk, d).float().mT * scaling).masked_fill_((idx < 0).unsqueeze(3),
+                                                                                        float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ v_sel.view(b, hkv, G, kk, d).float()
     return out.view(b, hkv, g, d).to(q.dtype)
 
 

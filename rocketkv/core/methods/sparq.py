@@ -1,5 +1,6 @@
 """SparQ: approximate scores on the top-r channels of |q|, exact attention on the top-k tokens, mean-value
-reallocation ``y = α·y_k + (1−α)·mean(V)``.  Budget: ``r = max(1, round(d·t/S))``, ``k = t/2``."""
+reallocation ``y = α·y_k + (1−α)·mean(V)``, with mean(V) from a running sum of V kept as slots arrive (``index``).
+Budget: ``r = max(1, round(d·t/S))``, ``k = t/2``."""
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,14 @@ class SparQ(Method):
         return {"channels": min(head_dim, max(1, round(head_dim * self.budget / s))), "topk": topk,
                 "dense": covers_sequence(topk, prompt_len, max_new_tokens)}
 
+    def index(self, layer, plan, upto=None):
+        """The sum of V over the stored slots, kept as they arrive: the reallocation's mean(V) reads d values per
+        head instead of all of V."""
+        if upto is None or isinstance(upto, int):
+            layer.meta["value_sum"] = layer.values[:, :, :layer.stored if upto is None else upto].float().sum(2)
+        else:
+            layer.meta["value_sum"] += layer.values.index_select(2, (upto - 1).view(1)).squeeze(2).float()
+
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape
         k, slots = plan["topk"], layer.capacity
@@ -31,8 +40,7 @@ class SparQ(Method):
                                              mass=True, backend=self.kernels)
         idx = idx.view(b, hkv, g, -1)  # the approximate softmax's mass of the chosen slots: α (1 if all chosen)
         y_k = attend_indices(layer, q, idx, scaling, self.kernels)
-        valid = (layer.slot_index < upto).to(layer.values.dtype)
-        mean_v = (valid @ layer.values).unsqueeze(2).float() / upto  # [B,Hkv,1,d], accumulated as stored
+        mean_v = (layer.meta["value_sum"] / upto).unsqueeze(2)  # [B,Hkv,1,d]
         out = torch.lerp(mean_v, y_k.float(), alpha.view(b, hkv, g, 1))
         # read: r channels of K per slot (union over the group's heads), V of the union of the sets, mean(V)
         count = kernels.union_reads(idx, upto, 2 * d, slots, channels, d, backend=self.kernels).sum()
