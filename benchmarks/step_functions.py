@@ -31,7 +31,7 @@ from rocketkv.core import compress, kernels  # noqa: E402
 from rocketkv.core.graphs import DecodeStep  # noqa: E402
 from rocketkv.core.methods import hsa, pages, sparq, topk  # noqa: E402
 from rocketkv.core.session import cache_kwarg  # noqa: E402
-from rocketkv.harness.generation import forward  # noqa: E402
+from rocketkv.harness.generation import Timer, forward  # noqa: E402
 from rocketkv.harness.models import load_model  # noqa: E402
 
 SPENT: dict[str, float] = collections.defaultdict(float)
@@ -62,11 +62,6 @@ def instrument() -> None:
         timed(module, "attend_indices")
     timed(pages, "fold_reference")
     timed(attention, "_decode", "attention")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:
@@ -109,11 +104,9 @@ def main(argv=None) -> int:
                 SPENT.clear()
                 TIMING[0] = True
                 for _ in range(3):
-                    sync(device)
-                    start = time.perf_counter()
-                    run["token"] = run["step"](run["token"])
-                    sync(device)
-                    run["ms"].append(1e3 * (time.perf_counter() - start))
+                    with Timer(device) as timer:  # the step before ended synchronised too
+                        run["token"] = run["step"](run["token"])
+                    run["ms"].append(1e3 * timer.seconds)
                 TIMING[0] = False
                 for label, seconds in SPENT.items():
                     run["spent"][label] += seconds
