@@ -4,7 +4,8 @@
 
 Selections must be equal exactly (given the same scores, and end to end from the same page tables at these
 seeds); scores and probabilities to fp32 rounding.  ``--large`` adds Llama-8B heads (32 q / 8 kv, d = 128) with the
-page size, channels and top-k of HSA / RocketKV plans at 16k-96k tokens, batch 1 and 8.
+page size, channels and top-k of HSA / RocketKV plans at 16k-96k tokens, batch 1 and 8, and rows of 5,000 units (the
+torch path's pruned top-k).
 """
 from __future__ import annotations
 
@@ -156,6 +157,27 @@ def check_methods(seed=0):
     return lines
 
 
+def check_long_rows(units=5000, seed=0):
+    """Rows long enough for the torch path's pruned top-k (``reference.PRUNE_FROM``): the same units and mass as the
+    Triton kernel, with exact ties and finite scores past ``upto`` (which never count)."""
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for kind in ("random", "tied"):
+        scores = torch.randn(2, 3, units, generator=gen)
+        if kind == "tied":
+            scores = scores.mul(2).round()
+        for p, split, budget in ((1, False, 256), (1, False, 128), (3, True, 128)):
+            upto = torch.tensor(units * p - 5)
+            width = budget if split else budget * p
+            got, want = (kernels.select_units(scores, upto, p, budget, width, split, mass=p == 1, backend=be)
+                         for be in ("triton", "torch"))
+            ok = torch.equal(got[0], want[0]) and torch.equal(got[1].long(), want[1].long()) and (
+                p != 1 or torch.allclose(got[2].float(), want[2].float(), atol=1e-6))
+            lines.append((ok, f"{'ok  ' if ok else 'FAIL'} long rows ({kind}, {units} units, page {p}, "
+                              f"{'split' if split else 'whole units'}, budget {budget})"))
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true")
@@ -165,6 +187,8 @@ def main(argv=None):
         return 2
     cases = SMALL + (plan_cases(1) + plan_cases(8) if args.large else [])
     results = [line for case in cases for line in check(case)] + check_methods()
+    if args.large:
+        results += check_long_rows()
     print("\n".join(text for _, text in results))
     return 0 if all(ok for ok, _ in results) else 1
 

@@ -202,7 +202,7 @@ def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budge
     chosen.masked_fill_(chosen == _PAST, -1)
     if not mass:
         return chosen, count, None
-    probs = torch.softmax(scores.float(), dim=-1).gather(-1, chosen.clamp(min=0)).masked_fill_(chosen < 0, 0.0)
+    probs = torch.softmax(live_scores, dim=-1).gather(-1, chosen.clamp(min=0)).masked_fill_(chosen < 0, 0.0)
     return chosen, count, torch.where(count >= upto, 1.0, probs.sum(-1))
 
 
