@@ -79,9 +79,10 @@ def highest_ties(original):
     measurement only; the torch path)."""
     calls = [0]
 
-    def patched(scores, upto, page_size, budget, width, split, mass=False, backend="auto"):
+    def patched(scores, upto, page_size, budget, width, split, mass=False, backend="auto", masked=False):
         calls[0] += 1
-        chosen, count, alpha = original(scores, upto, page_size, budget, width, split, mass, backend="torch")
+        chosen, count, alpha = original(scores, upto, page_size, budget, width, split, mass, backend="torch",
+                                        masked=masked)
         if not split or page_size == 1:
             return chosen, count, alpha
         taken = chosen >= 0

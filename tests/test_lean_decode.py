@@ -56,12 +56,13 @@ def test_select_units_is_the_slot_space_rule(split, page_size, budget, upto):
         assert row.tolist() == want + [-1] * (64 - len(want)) and int(c) == len(want)
 
 
+@pytest.mark.parametrize("units", [5000, 4099])  # blocks that divide the row; a prime row, padded
 @pytest.mark.parametrize("kind", ["random", "ties", "dead -inf"])
 @pytest.mark.parametrize("page_size,split", [(1, False), (3, True), (2, False)])
-def test_select_units_prunes_long_rows_exactly(kind, page_size, split):
+def test_select_units_prunes_long_rows_exactly(kind, page_size, split, units):
     """Rows of many units are searched only in the blocks with the best maxima (``_prune_block`` > 1 here): the
     units chosen are those of the plain rule, ties at the cut to the lower unit, and SparQ's mass is unchanged."""
-    units, budget = 5000, 24 if split else 20
+    budget = 24 if split else 20
     gen = _gen(units + page_size)
     scores = {"random": torch.randn(2, 3, units, generator=gen),
               "ties": torch.randint(0, 3, (2, 3, units), generator=gen).float(),
@@ -85,6 +86,27 @@ def test_select_units_prunes_long_rows_exactly(kind, page_size, split):
         probs = torch.softmax(scores[..., :upto], dim=-1)
         want_mass = torch.stack([probs.reshape(-1, upto)[i, r[r >= 0]].sum() for i, r in enumerate(idx.view(-1, 64))])
         torch.testing.assert_close(mass.view(-1), want_mass)
+
+
+@pytest.mark.parametrize("past,units", [("-inf", 40), ("-inf", 5000), ("zero", 40), ("zero", 5000)])
+@pytest.mark.parametrize("page_size,split", [(1, False), (3, True), (4, False)])
+def test_select_units_masked_skips_only_a_mask_already_there(past, units, page_size, split):
+    """``masked=True`` (the methods' scores: -inf past upto, or HSA's probability 0 under live ones >= 0) selects
+    what masking them again does, and with -inf the same mass; on scores that are not masked it would not."""
+    gen = _gen(units + page_size)
+    scores = torch.randint(0, 3, (2, 3, units), generator=gen).float() / 2  # ties, and live zeros
+    upto = units * page_size - 2 * page_size - 1
+    n_live = -(-upto // page_size)
+    args = (torch.tensor(upto), page_size, 24, 48, split, page_size == 1)
+    plain = kernels.reference.select_units(scores, *args)
+    if page_size == 1:  # unmasked, the best units past upto would be chosen
+        assert not torch.equal(kernels.reference.select_units(scores + (torch.arange(units) >= upto) * 9, *args,
+                                                              masked=True)[0], plain[0])
+    scores[..., n_live:] = float("-inf") if past == "-inf" else 0.0
+    got = kernels.reference.select_units(scores, *args, masked=True)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    if page_size == 1 and past == "-inf":  # the mass of -inf scores is 0 either way (0 scores would count)
+        torch.testing.assert_close(got[2], plain[2])
 
 
 @pytest.mark.parametrize("g,d,p,r", [(4, 32, 3, 5), (1, 16, 1, 16), (3, 12, 4, 2)])

@@ -157,12 +157,14 @@ def quest_group_scores(q, page_min_t, page_max_t, upto, page_size: int, backend:
 
 
 def select_units(scores, upto, page_size: int, budget: int, width: int, split: bool, mass: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", masked: bool = False):
     """Exact top units of each row of ``scores`` ``[B, R, U]`` (``reference.select_units``): slots ``[B, R, width]``
-    ascending with -1 after, their count per row, and (``mass``) their share of the scores' softmax."""
+    ascending with -1 after, their count per row, and (``mass``) their share of the scores' softmax.  ``masked``: the
+    units past ``upto`` already score no more than any live unit (-inf; or 0 under probabilities, without ``mass``),
+    so the torch path need not mask them (the Triton kernel never reads them)."""
     if use_triton(backend, scores):
         return _triton_module("triton_select").select(scores, upto, page_size, budget, width, split, mass)
-    return reference.select_units(scores, upto, page_size, budget, width, split, mass)
+    return reference.select_units(scores, upto, page_size, budget, width, split, mass, masked)
 
 
 def slot_scores(q, keys, upto, channels=None, backend: str = "auto"):

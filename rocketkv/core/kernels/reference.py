@@ -9,6 +9,7 @@ are never repeated per query head.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -141,14 +142,16 @@ PRUNE_FROM = 4096  # a CPU ``topk`` over fewer units costs less than the pruning
 
 
 def _prune_block(units: int, m: int) -> int:
-    """Units per block for ``_top_units``'s pruning (1: none): from ``PRUNE_FROM`` units, a power of two leaving at
-    least 4m blocks, at most 64."""
-    if units < PRUNE_FROM:
+    """Units per block for ``_top_units``'s pruning (1: none), from ``PRUNE_FROM`` units: near ``sqrt(U / m)``, which
+    balances ranking the blocks against searching the m best blocks' units, preferring a block that divides the row
+    (no padding copy); never so wide that fewer than m blocks remain."""
+    target = math.sqrt(units / m)
+    widest = min(64, units // m)
+    if units < PRUNE_FROM or widest < 4 or target < 3:
         return 1
-    block = 1
-    while block < 64 and units >= 8 * m * block:
-        block *= 2
-    return block if block >= 4 else 1
+    near = range(max(4, int(0.7 * target)), min(widest, max(4, int(1.5 * target))) + 1)
+    dividing = [block for block in near if units % block == 0]
+    return min(dividing, key=lambda block: abs(block - target)) if dividing else min(widest, max(4, round(target)))
 
 
 def _top_units(scores: torch.Tensor, m: int, ranked: bool = True) -> torch.Tensor:
@@ -164,7 +167,8 @@ def _top_units(scores: torch.Tensor, m: int, ranked: bool = True) -> torch.Tenso
     if block == 1:
         return ordered_keys(scores).topk(m, dim=-1, sorted=ranked).indices
     blocks = -(-units // block)
-    padded = torch.nn.functional.pad(scores, (0, blocks * block - units), value=float("-inf"))
+    padded = torch.nn.functional.pad(scores, (0, blocks * block - units), value=float("-inf")) \
+        if blocks * block > units else scores.contiguous()
     grouped = padded.view(*scores.shape[:-1], blocks, block)
     maxima = torch.nn.functional.max_pool1d(padded.view(-1, 1, blocks * block), block).view(grouped.shape[:-1])
     best = ordered_keys(maxima).topk(m, dim=-1, sorted=False).indices.unsqueeze(-1)  # [..., m, 1] block ids
@@ -175,16 +179,20 @@ def _top_units(scores: torch.Tensor, m: int, ranked: bool = True) -> torch.Tenso
 
 
 def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budget: int, width: int,
-                 split: bool, mass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 split: bool, mass: bool = False, masked: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The best units (pages of ``page_size`` slots, or slots) of each row of ``scores`` ``[..., U]``, ranked by
     (score desc, unit asc) among the units holding slots below ``upto``: with ``split`` until ``budget`` slots
     (the unit at the cut gives its lowest slots), else ``budget`` whole units.  Returns their slots below ``upto``,
     ascending, -1 after them (``[..., width]``), how many per row, and with ``mass`` (slot units) the chosen slots'
-    share of the softmax of the scores over the live slots (exactly 1 when every live slot is chosen)."""
+    share of the softmax of the scores over the live slots (exactly 1 when every live slot is chosen).  ``masked``
+    says the units past ``upto`` already score no more than any live unit (-inf; or 0 under scores >= 0, without
+    ``mass``): they rank after every live unit anyway (ties go to the lower unit), so they are not masked again."""
     units = scores.shape[-1]
     m = min(units, -(-budget // page_size) + 1 if split else budget)
     # units past upto score -inf: they rank after every live unit (ties go to the lower unit) and are dropped below
-    live_scores = torch.minimum(scores.float(), _live_cap(units, page_size, upto, scores.device))
+    live_scores = scores.float() if masked else torch.minimum(scores.float(), _live_cap(units, page_size, upto,
+                                                                                         scores.device))
     top = _top_units(live_scores, m, ranked=split)  # [..., m], in rank order where the budget counts slots
     if page_size == 1 and not split:  # slot units: each ranked live unit is one chosen slot
         chosen = top.masked_fill(top >= upto, _PAST)

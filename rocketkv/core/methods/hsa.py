@@ -58,6 +58,7 @@ class HybridSparseAttention(Method):
         p, k = plan["page_size"], plan["topk"]
         probs = kernels.hsa_page_probs(q, layer.meta["page_min_t"], layer.meta["page_max_t"], upto, p,
                                        plan["channels"], backend=self.kernels)  # [B,Hkv,P]
-        idx = kernels.select_units(probs, upto, p, k, min(k, probs.shape[-1] * p), True, backend=self.kernels)[0]
+        idx = kernels.select_units(probs, upto, p, k, min(k, probs.shape[-1] * p), True, backend=self.kernels,
+                                   masked=True)[0]  # pages past upto: probability 0
         out = attend_indices(layer, q, idx[:, :, None], scaling, self.kernels)
         return out, StepCost(self.step_cost(layer, plan), upto)

@@ -63,7 +63,7 @@ class Quest(Method):
         bounds = kernels.quest_group_scores(q, layer.meta["page_min_t"], layer.meta["page_max_t"], upto, p,
                                             backend=self.kernels)  # [B,Hkv,P]: the group's pages, -inf past upto
         slots, count, _ = kernels.select_units(bounds, upto, p, m, min(m, bounds.shape[-1]) * p, False,
-                                               backend=self.kernels)  # the best m pages' slots below upto
+                                               backend=self.kernels, masked=True)  # the best m pages' slots
         out = attend_indices(layer, q, slots[:, :, None], scaling, self.kernels)
         b, hkv, _, d = q.shape
         static = partial(_page_reads, hkv * 2 * d, p)

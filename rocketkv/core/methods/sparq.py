@@ -37,7 +37,7 @@ class SparQ(Method):
         # as stored, -inf from upto on
         logits = kernels.slot_scores(q, layer.keys, upto, channels, backend=self.kernels)
         idx, _, alpha = kernels.select_units(logits.view(b, hkv * g, slots), upto, 1, k, min(k, slots), False,
-                                             mass=True, backend=self.kernels)
+                                             mass=True, backend=self.kernels, masked=True)
         idx = idx.view(b, hkv, g, -1)  # the approximate softmax's mass of the chosen slots: α (1 if all chosen)
         y_k = attend_indices(layer, q, idx, scaling, self.kernels)
         mean_v = (layer.meta["value_sum"] / upto).unsqueeze(2)  # [B,Hkv,1,d]

@@ -20,7 +20,7 @@ class ExactTopK(Method):
         # fp32 scores from the cache as stored (no up-cast copy of K), -inf from upto on
         scores = kernels.slot_scores(q, layer.keys, upto, backend=self.kernels)  # [B,Hkv,g,C]
         idx = kernels.select_units(scores.view(b, hkv * g, slots), upto, 1, k, min(k, slots), False,
-                                   backend=self.kernels)[0].view(b, hkv, g, -1)  # one set per query head
+                                   backend=self.kernels, masked=True)[0].view(b, hkv, g, -1)  # one set per head
         out = attend_indices(layer, q, idx, scaling, self.kernels, logits=scores)
         # read: K of every slot, then V of the union of the group's sets
         static = topk_cost(k, lambda u, attended: u * (d * hkv))
