@@ -108,17 +108,21 @@ class Method:
             if self.budget < MIN_BUDGET:
                 raise ValueError(f"budget={self.budget} is below the minimum of {MIN_BUDGET} tokens "
                                  f"for method {self.name!r}")
-        for option in ("window", "skip_layers"):
-            value = getattr(self, option)
-            least = 1 if option == "window" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"method {self.name!r}: {option}={value!r} is not valid; give an integer >= {least}")
+        self._check_int_option("window", 1)
+        self._check_int_option("skip_layers", 0)
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch or triton")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"method {self.name!r}: cuda_graphs={self.cuda_graphs!r} is not valid; use auto, on or off")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"method {self.name!r}: compile={self.compile!r} is not valid; use auto, on or off")
+
+    def _check_int_option(self, option: str, least: int, why: str = "") -> None:
+        """The option ``option`` must be an integer >= ``least`` (not a bool): else one error naming it and what is
+        valid, with ``why`` after."""
+        value = getattr(self, option)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"method {self.name!r}: {option}={value!r} is not valid; give an integer >= {least}{why}")
 
     def plan(self, prompt_len: int, max_new_tokens: int, head_dim: int, model_max_len: int | None = None,
              group_size: int = 1) -> dict:

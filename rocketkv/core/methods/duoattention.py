@@ -74,10 +74,8 @@ class DuoAttention(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        for option in ("sink", "recent"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method {self.name!r}: {option}={value!r} is not valid; give an integer >= 1")
+        self._check_int_option("sink", 1)
+        self._check_int_option("recent", 1)
         if self.pattern_file is None:
             raise ValueError(f"method {self.name!r} needs method.pattern_file=<DuoAttention's {PATTERN_NAME}, "
                              f"{SHAPE_HINT}, or the folder holding it>")

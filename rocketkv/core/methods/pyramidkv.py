@@ -34,9 +34,7 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1:
-            raise ValueError(f"method {self.name!r}: beta={self.beta!r} is not valid; give an integer >= 1 "
-                             "(the top layer keeps 1/beta of the mean prefix budget)")
+        self._check_int_option("beta", 1, " (the top layer keeps 1/beta of the mean prefix budget)")
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size: int = 1):
         plan = super().plan(prompt_len, max_new_tokens, head_dim, model_max_len, group_size)

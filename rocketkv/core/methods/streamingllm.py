@@ -46,8 +46,7 @@ class StreamingLLM(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"method {self.name!r}: sink={self.sink!r} is not valid; give an integer >= 0")
+        self._check_int_option("sink", 0)
 
     def plan(self, prompt_len, max_new_tokens, head_dim, model_max_len=None, group_size=1):
         if self.budget <= self.sink:
