@@ -49,10 +49,16 @@ def _reset_rss_peak() -> bool:
 
 
 def _rss_peak() -> int | None:
+    return proc_kib_field("/proc/self/status", "VmHWM")
+
+
+def proc_kib_field(path: str, field: str) -> int | None:
+    """Bytes of a ``field:  <n> kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``); None where the
+    file or the line is missing (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass

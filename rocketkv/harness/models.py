@@ -14,6 +14,7 @@ import torch
 
 from evals.prompting import PromptFormat
 from rocketkv.harness.gguf_models import load_gguf_package
+from rocketkv.harness.memory import proc_kib_field
 
 SOURCES = ("gguf_package", "hub", "tiny_random", "random_weights")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -153,14 +154,7 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes a new model could take on ``device`` now: CUDA's free memory, or the host's ``MemAvailable``."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def check_memory(spec: ModelSpec) -> None:
