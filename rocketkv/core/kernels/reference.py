@@ -113,12 +113,8 @@ def _descending(n: int, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _unit_starts(units: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """The first slot of each of ``units`` units of ``page_size`` slots (with 1: the offsets ``0..units-1``)."""
     return torch.arange(units, device=device) * page_size
-
-
-@functools.lru_cache(maxsize=16)
-def _offsets(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device)
 
 
 def _live_cap(units: int, page_size: int, upto: torch.Tensor, device) -> torch.Tensor:
@@ -173,7 +169,7 @@ def _top_units(scores: torch.Tensor, m: int, ranked: bool = True) -> torch.Tenso
     maxima = torch.nn.functional.max_pool1d(padded.view(-1, 1, blocks * block), block).view(grouped.shape[:-1])
     best = ordered_keys(maxima).topk(m, dim=-1, sorted=False).indices.unsqueeze(-1)  # [..., m, 1] block ids
     candidates = grouped.gather(-2, best.expand(*best.shape[:-1], block)).flatten(-2)
-    ids = (best * block + _offsets(block, scores.device)).flatten(-2)
+    ids = (best * block + _unit_starts(block, 1, scores.device)).flatten(-2)
     last = blocks * block - 1
     return ids.gather(-1, ordered_keys(candidates, ids, last).topk(m, dim=-1, sorted=ranked).indices)
 
@@ -198,7 +194,7 @@ def select_units(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budge
         chosen = top.masked_fill(top >= upto, _PAST)
         count = (top < upto).sum(-1)
     else:  # the slots of the ranked units in rank order, each unit's ascending; with split the first budget live
-        slot = (top.unsqueeze(-1) * page_size + _offsets(page_size, scores.device)).flatten(-2)
+        slot = (top.unsqueeze(-1) * page_size + _unit_starts(page_size, 1, scores.device)).flatten(-2)
         take = slot < upto
         if split:
             take &= take.cumsum(-1) <= budget
