@@ -1,11 +1,12 @@
 """Where a decode step's time goes, per method: each selection function timed inside the real step (µs per layer).
 
     python benchmarks/step_functions.py [--model smollm2-135m] [--length 8000] [--methods full rocketkv topk sparq]
-                                        [--budget 256] [--rounds 4]
+                                        [--budget 256] [--rounds 4] [--kernels auto torch]
 
 One dense prefill of a random prompt is shared by every method (``CompressionSession.fork``, as the efficiency task
 does); then the methods' decode steps run interleaved, three steps each per round, so that all of them see the same
-machine.  It prints each method's median ms per step, its ratio to full KV, and the µs per layer spent in the torch /
+machine; with several ``--kernels`` backends each method runs under each (``topk[torch]``), also interleaved.
+It prints each method's median ms per step, its ratio to full KV, and the µs per layer spent in the torch /
 Triton functions a step calls (``kernels.*``, ``attend_indices``, the page fold, and ``attention`` = the whole decode
 attention of a layer).  Functions are timed where the step calls them: on CPU a small op costs several times more
 there than in a loop of its own (the weight matmuls between layers leave the caches cold).  Timing adds ~1 µs per
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=4, help="rounds of three interleaved steps per method")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernels", nargs="+", default=["auto"], help="kernel backends (method option kernels)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     instrument()
@@ -89,8 +91,10 @@ def main(argv=None) -> int:
             forward(model, [prompt[:-1]], shared)
             print(f"{args.model}, prompt {args.length} tokens, prefill {time.perf_counter() - start:.0f} s, "
                   f"{args.threads} thread(s), budget {args.budget}")
-        for name in args.methods:
-            context = compress(model, name, None if name == "full" else args.budget, max_new_tokens=new)
+        for method, backend in [(m, k) for m in args.methods for k in args.kernels]:
+            name = method if len(args.kernels) == 1 else f"{method}[{backend}]"
+            context = compress(model, method, None if method == "full" else args.budget, max_new_tokens=new,
+                               kernels=backend)
             session = context.__enter__()
             sessions.append(context)
             cache = session.fork(shared, None, new)
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
         for context in reversed(sessions):
             context.__exit__(None, None, None)
     layers = model.config.num_hidden_layers
-    full = statistics.median(steps["full"]["ms"]) if "full" in steps else None
+    full = statistics.median(steps[next(iter(steps))]["ms"]) if args.methods[0] == "full" else None
     for name, run in steps.items():
         ms = statistics.median(run["ms"])
         per_layer = ", ".join(f"{label} {1e6 * seconds / len(run['ms']) / layers:.0f}"

@@ -29,7 +29,7 @@ BAD_INPUTS = [
     (["threads=0"], ["threads=0", "positive integer"]),
     (["seed=abc"], ["seed='abc'", "integer"]),
     (["method.window=0"], ["window=0", "integer >= 1"]),
-    (["+method.kernels=cuda"], ["kernels='cuda'", "auto, torch or triton"]),
+    (["+method.kernels=cuda"], ["kernels='cuda'", "auto, torch, triton or numba"]),
     (["method=snapkv", "method.selection=row"], ["selection='row'", "head or group"]),
     (["method.kernel_size=abc"], ["kernel_size='abc'", "odd integer >= 1", "auto"]),
     (["method.kernel_size=64"], ["kernel_size=64", "odd integer >= 1"]),

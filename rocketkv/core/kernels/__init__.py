@@ -1,8 +1,11 @@
-"""Decode-time kernels with a torch / triton backend switch.
+"""Decode-time kernels with a torch / triton / numba backend switch.
 
 backend="auto" runs the Triton kernel when the inputs live on CUDA and triton
-imports, otherwise the vectorised torch reference. Triton is imported lazily so
-this package works on machines without it.
+imports; on the CPU the numba kernels (``numba_cpu``: a step's selection, its
+attention over the selected slots and its read counts) where numba imports and
+the tensors are fp32, otherwise the vectorised torch reference, which is also
+every kernel's oracle in the tests.  Triton and numba are imported lazily so
+this package works on machines without them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ __all__ = [
     "triton_available",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,11 +56,36 @@ def triton_available() -> bool:
     return _triton_module() is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _numba_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("rocketkv.core.kernels.numba_cpu")
+    except ImportError:
+        return None
+
+
+def use_numba(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``backend`` runs the numba CPU kernel for ``tensors`` ("auto": all on the CPU, floats fp32, and numba
+    imports; "numba" where they qualify, else an error naming why not)."""
+    if backend not in ("auto", "numba"):
+        return False
+    fits = all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors)
+    if backend == "numba":
+        if _numba_module() is None:
+            raise RuntimeError("backend='numba' requested but numba is not importable; pip install numba, or use "
+                               "kernels=auto or torch")
+        if not fits:
+            raise ValueError("backend='numba' runs fp32 CPU tensors only; got "
+                             f"{[(t.device.type, t.dtype) for t in tensors]}; use kernels=auto or torch")
+        return True
+    return fits and _numba_module() is not None
+
+
 def use_triton(backend: str, tensor: torch.Tensor, supported: bool = True) -> bool:
     """Whether ``backend`` runs the Triton kernel for inputs like ``tensor`` ("auto": on CUDA, when supported)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {_BACKENDS}")
-    if backend == "torch":
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    if backend in ("torch", "numba"):
         return False
     if backend == "triton":
         if not triton_available():
@@ -132,12 +160,22 @@ def dense_decode_attention(
     return reference.dense_decode_attention(q, keys, values, upto, scale)
 
 
+def attend_selected(q, keys, values, idx, scale: float, logits=None):
+    """Exact attention of ``q`` ``[B,Hkv,g,d]`` over the slots ``idx`` ``[B,Hkv,G,k]`` (G = 1 or g; -1 pads) with the
+    numba CPU kernel (``ops.attend_indices`` picks it, and keeps the torch paths)."""
+    return _numba_module().attend(q, keys, values, idx, scale, logits)
+
+
 # ---------------------------------------------------------------- a decode step's selection (Triton: one launch each)
 def fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size: int, backend: str = "auto") -> bool:
-    """Fold slot ``upto - 1`` into its page's min/max keys with the Triton kernel; False: use the torch path."""
-    if not use_triton(backend, keys):
+    """Fold slot ``upto - 1`` into its page's min/max keys with the Triton or numba kernel; False: use the torch
+    path."""
+    if use_triton(backend, keys):
+        _triton_module("triton_pages").fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size)
+    elif use_numba(backend, keys, page_min_t, page_max_t):
+        _numba_module().fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size)
+    else:
         return False
-    _triton_module("triton_pages").fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size)
     return True
 
 
@@ -146,6 +184,8 @@ def hsa_page_probs(q, page_min_t, page_max_t, upto, page_size: int, channels: in
     on Triton."""
     if use_triton(backend, q):
         return _triton_module("triton_pages").hsa_page_probs(q, page_min_t, page_max_t, upto, page_size, channels)
+    if use_numba(backend, q, page_min_t, page_max_t):
+        return _numba_module().hsa_page_probs(q, page_min_t, page_max_t, upto, page_size, channels)
     return reference.hsa_page_probs(q, page_min_t, page_max_t, upto, page_size, channels)
 
 
@@ -164,6 +204,8 @@ def select_units(scores, upto, page_size: int, budget: int, width: int, split: b
     so the torch path need not mask them (the Triton kernel never reads them)."""
     if use_triton(backend, scores):
         return _triton_module("triton_select").select(scores, upto, page_size, budget, width, split, mass)
+    if use_numba(backend, scores):
+        return _numba_module().select(scores, upto, page_size, budget, width, split, mass)
     return reference.select_units(scores, upto, page_size, budget, width, split, mass, masked)
 
 
@@ -181,4 +223,6 @@ def union_reads(idx, upto, token_weight: int, n_slots: int, channels=None, n_cha
     their distinct channels times ``upto``."""
     if use_triton(backend, idx):
         return _triton_module("triton_select").union_reads(idx, upto, token_weight, channels)
+    if use_numba(backend, idx):
+        return _numba_module().union_reads(idx, upto, token_weight, n_slots, channels, n_channels)
     return reference.union_reads(idx, upto, token_weight, channels, n_slots, n_channels)

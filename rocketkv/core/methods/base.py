@@ -62,6 +62,7 @@ import torch
 
 from rocketkv.core.cache import CompressedLayer
 from rocketkv.core.graphs import COMPILE_MODES, GRAPH_MODES
+from rocketkv.core.kernels import BACKENDS as KERNEL_BACKENDS
 from rocketkv.core.methods.ops import StepCost, dense_decode
 
 __all__ = ["METHODS", "MIN_BUDGET", "Method", "StepCost", "option_names", "register"]
@@ -110,8 +111,9 @@ class Method:
                                  f"for method {self.name!r}")
         self._check_int_option("window", 1)
         self._check_int_option("skip_layers", 0)
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch or triton")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch, triton "
+                             f"or numba")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"method {self.name!r}: cuda_graphs={self.cuda_graphs!r} is not valid; use auto, on or off")
         if self.compile not in COMPILE_MODES:

@@ -135,6 +135,8 @@ def attend_indices(layer: CompressedLayer, q: torch.Tensor, idx: torch.Tensor, s
             out = kernels.sparse_decode_attention(q.reshape(b * hkv, g, 1, d), *kv, idx.reshape(b * hkv, g, kk),
                                                   scaling, backend=backend)
             return out.view(b, hkv, g, d)
+    if kernels.use_numba(backend, q, layer.keys, layer.values, *(() if logits is None else (logits,))):
+        return kernels.attend_selected(q, layer.keys, layer.values, idx, scaling, logits)
     if logits is not None:
         safe = idx.clamp(min=0)
         probs = torch.softmax((logits.gather(-1, safe) * scaling).masked_fill_(idx < 0, float("-inf")), dim=-1)
