@@ -52,6 +52,17 @@ def test_slot_selection_equals_the_reference(kind, units, budget):
         _check(scores, upto, 1, budget, min(budget, units), False, mass=kind != "dead -inf")
 
 
+def test_masked_rows_give_the_same_mass():
+    """``masked`` (-inf past upto) takes the mass's softmax over whole rows: the same shares as over the live part."""
+    scores = _rows("random", (2, 3, 3000), 5)
+    upto = torch.tensor(2100)
+    scores[..., 2100:] = float("-inf")
+    want = reference.select_units(scores, upto, 1, 64, 64, False, True)
+    got = numba_cpu.select(scores, upto, 1, 64, 64, False, True, masked=True)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["random", "ties", "smooth"])
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("page_size,pages,budget", [(4, 30, 10), (16, 1100, 64), (3, 7, 100), (90, 90, 128)])

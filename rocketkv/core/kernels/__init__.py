@@ -205,7 +205,7 @@ def select_units(scores, upto, page_size: int, budget: int, width: int, split: b
     if use_triton(backend, scores):
         return _triton_module("triton_select").select(scores, upto, page_size, budget, width, split, mass)
     if use_numba(backend, scores):
-        return _numba_module().select(scores, upto, page_size, budget, width, split, mass)
+        return _numba_module().select(scores, upto, page_size, budget, width, split, mass, masked)
     return reference.select_units(scores, upto, page_size, budget, width, split, mass, masked)
 
 

@@ -133,8 +133,9 @@ _NO_PROBS = np.empty((0, 0), np.float32)
 
 
 def select(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budget: int, width: int, split: bool,
-           mass: bool = False):
-    """``reference.select_units`` (its units past ``upto`` are never read, so ``masked`` needs no counterpart)."""
+           mass: bool = False, masked: bool = False):
+    """``reference.select_units``.  Units past ``upto`` are never ranked; ``masked`` (they score -inf) lets the mass's
+    softmax run over whole rows, contiguous, instead of the live part of each."""
     if mass and page_size != 1:
         raise ValueError(f"select: mass is the chosen slots' softmax share, for slot units; got page_size={page_size}")
     lead, units = scores.shape[:-1], scores.shape[-1]
@@ -143,7 +144,9 @@ def select(scores: torch.Tensor, upto: torch.Tensor, page_size: int, budget: int
     counts = np.empty(flat.shape[0], np.int64)
     shares = np.empty(flat.shape[0], np.float32)
     live = int(upto)
-    probs = torch.softmax(torch.from_numpy(flat)[:, :live], dim=-1).numpy() if mass else _NO_PROBS
+    probs = _NO_PROBS
+    if mass:
+        probs = torch.softmax(torch.from_numpy(flat if masked else flat[:, :live]), dim=-1).numpy()
     _select(flat, live, page_size, budget, width, split, probs, slots, counts, shares)
     return (torch.from_numpy(slots).view(*lead, width), torch.from_numpy(counts).view(lead),
             torch.from_numpy(shares).view(lead) if mass else None)
