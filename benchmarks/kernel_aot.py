@@ -40,23 +40,18 @@ def examples(args) -> dict[str, Callable[[], object]]:
     from rocketkv.core import kernels
 
     dtype, (b, hkv, g, d, n) = getattr(torch, args.dtype), (args.batch, 8, 4, 128, args.context)
-    pages, channels, budget = n // 16, 32, 256
+    budget = 256
 
     def rand(*shape, dt=dtype):
         return torch.randn(*shape).to(dt)
 
     q, keys, values = rand(b, hkv, g, d), rand(b, hkv, n, d), rand(b, hkv, n, d)
-    lo = rand(b, hkv, d, pages)
-    chosen = torch.rand(b, hkv, d).topk(channels, dim=-1).indices
-    signs = torch.ones(b, hkv, channels, dtype=dtype)
     selected = torch.rand(b, hkv, n).topk(budget, dim=-1).indices
     upto = torch.tensor(n - 50)
     return {
         "dense_decode_attention": lambda: kernels.dense_decode_attention(q, keys, values, upto, d**-0.5, "triton"),
         "sparse_decode_attention": lambda: kernels.sparse_decode_attention(q, keys, values, selected, d**-0.5,
                                                                            "triton"),
-        "rocketkv_page_scores": lambda: kernels.rocketkv_page_scores(q, lo, lo, chosen, signs, "triton"),
-        "quest_page_scores": lambda: kernels.quest_page_scores(q, lo, lo, "triton"),
         **selection_examples(kernels, q, keys, upto, budget, rand),
     }
 

@@ -61,21 +61,26 @@ def dense_cases(args, dtype, device) -> list[KernelCase]:
 
 
 def small_cases(args, dtype, device) -> list[KernelCase]:
-    batch, n, pages = 1, args.context, args.context // args.page_size
+    """RocketKV's and Quest's step kernels as the methods call them (page probabilities / bounds from the page
+    tables, the page selection), and the sparse attention over the selected slots."""
+    batch, n, page_size = 1, args.context, args.page_size
+    pages = -(-n // page_size)
     gen = torch.Generator(device=device).manual_seed(0)
     q = _randn(gen, device, dtype, batch, KV_HEADS, GROUP, HEAD_DIM)
     first, second = (_randn(gen, device, dtype, batch, KV_HEADS, HEAD_DIM, pages) for _ in range(2))
     page_min_t, page_max_t = torch.minimum(first, second), torch.maximum(first, second)
-    channels = torch.rand(batch, KV_HEADS, HEAD_DIM, generator=gen, device=device).topk(args.channels, -1).indices
-    signs = torch.where(torch.rand(batch, KV_HEADS, args.channels, generator=gen, device=device) > 0.5, 1.0, -1.0)
-    signs = signs.to(dtype)
+    upto = torch.tensor(n, device=device)
+    probs = torch.rand(batch, KV_HEADS, pages, generator=gen, device=device)
     keys, values = (_randn(gen, device, dtype, batch, KV_HEADS, n, HEAD_DIM) for _ in range(2))
     indices = torch.rand(batch, KV_HEADS, n, generator=gen, device=device).topk(args.budget, -1).indices
+    k = args.budget // 2
     return [
-        KernelCase("rocketkv_page_scores", n, batch, None, lambda backend: kernels.rocketkv_page_scores(
-            q, page_min_t, page_max_t, channels, signs, backend=backend)),
-        KernelCase("quest_page_scores", n, batch, None,
-                   lambda backend: kernels.quest_page_scores(q, page_min_t, page_max_t, backend=backend)),
+        KernelCase("hsa_page_probs", n, batch, None, lambda backend: kernels.hsa_page_probs(
+            q, page_min_t, page_max_t, upto, page_size, args.channels, backend=backend)),
+        KernelCase("quest_group_scores", n, batch, None, lambda backend: kernels.quest_group_scores(
+            q, page_min_t, page_max_t, upto, page_size, backend=backend)),
+        KernelCase("select_units (pages)", n, batch, None, lambda backend: kernels.select_units(
+            probs, upto, page_size, k, k, True, backend=backend)),
         KernelCase("sparse_decode_attention", n, batch, None, lambda backend: kernels.sparse_decode_attention(
             q, keys, values, indices, HEAD_DIM**-0.5, backend=backend)),
     ]
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=32768, help="the small kernels' cache length")
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--channels", type=int, default=32, help="r, channels kept by rocketkv_page_scores")
+    parser.add_argument("--channels", type=int, default=32, help="r, HSA's channels")
     parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--calls", type=int, default=20, help="calls captured in one graph")
     parser.add_argument("--peak-gbps", type=float, default=None,

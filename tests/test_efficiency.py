@@ -234,7 +234,7 @@ def test_gpu_check_summary_is_one_table(tmp_path, capsys):
         "kernel": "dense_decode_attention", "dtype": "bfloat16", "device": "cuda", "context": 32768, "batch": 8,
         "budget": 256, "floor_bytes": 4_000_000, "floor_us": 0.9, "peak_gbps": 4800.0, "torch_us": 90.0,
         "triton_us": 9.0, "max_err": 1e-3, "torch_over_triton": 10.0}, {
-        "kernel": "quest_page_scores", "dtype": "bfloat16", "device": "cuda", "context": 32768, "batch": 1,
+        "kernel": "hsa_page_probs", "dtype": "bfloat16", "device": "cuda", "context": 32768, "batch": 1,
         "budget": 256, "floor_bytes": None, "torch_us": 12.0, "triton_us": 4.0, "max_err": 0.0,
         "torch_over_triton": 3.0}]))
     assert summary.main(["--steps", str(tmp_path / "steps.tsv"), "--kernels", str(tmp_path / "kb.json"),
@@ -243,7 +243,7 @@ def test_gpu_check_summary_is_one_table(tmp_path, capsys):
     assert "2/3 steps ok, 261 s" in out and "40 passed, 2 skipped" in out
     assert "dense_decode_attention bfloat16 (32k, batch 8)" in out
     assert "triton 9.0 us = 10.0x floor (0.9 us); torch 90.0 us = 10.00x triton" in out
-    assert "quest_page_scores bfloat16 (32k/256)" in out and "triton 4.0 us per call; torch 12.0 us = 3.00x" in out
+    assert "hsa_page_probs bfloat16 (32k/256)" in out and "triton 4.0 us per call; torch 12.0 us = 3.00x" in out
     assert "no efficiency metrics" in out and "FAILED: efficiency (m)" in out
 
 

@@ -33,19 +33,12 @@ def _load_check_module():
 
 
 _check = _load_check_module()
-make_page_inputs, make_sparse_inputs, run_checks = _check.make_page_inputs, _check.make_sparse_inputs, _check.run_checks
+make_sparse_inputs, run_checks = _check.make_sparse_inputs, _check.run_checks
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 # The CUDA cases show as skipped without a GPU (benchmarks/gpu_check.sh runs this module on one).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 
-# (batch, kv_heads, group, head_dim, num_pages, num_channels)
-PAGE_SHAPES = [
-    (1, 2, 1, 16, 37, 1),
-    (2, 3, 4, 16, 100, 16),
-    (2, 3, 4, 32, 129, 5),
-    (1, 2, 1, 24, 37, 24),
-]
 # (batch, kv_heads, group, head_dim, stored_tokens, selected)
 SPARSE_SHAPES = [
     (1, 2, 1, 16, 37, 37),
@@ -53,25 +46,6 @@ SPARSE_SHAPES = [
     (2, 3, 4, 24, 100, 37),
     (1, 2, 4, 32, 300, 129),
 ]
-
-
-def naive_rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs):
-    batch, kv_heads, group, _ = q.shape
-    out = torch.zeros(batch, kv_heads, group, page_max_t.shape[-1], dtype=torch.float64)
-    for b in range(batch):
-        for h in range(kv_heads):
-            for m, channel in enumerate(channels[b, h].tolist()):
-                bound = page_max_t if signs[b, h, m] > 0 else page_min_t
-                row = bound[b, h, channel].double()
-                out[b, h] += q[b, h, :, channel].double()[:, None] * row[None, :]
-    return out
-
-
-def naive_quest_page_scores(q, page_min_t, page_max_t):
-    q64, min64, max64 = q.double(), page_min_t.double(), page_max_t.double()
-    with_min = torch.einsum("bhgd,bhdp->bhgdp", q64, min64)
-    with_max = torch.einsum("bhgd,bhdp->bhgdp", q64, max64)
-    return torch.maximum(with_min, with_max).sum(dim=3)
 
 
 def naive_attention(q, keys, values, scale, slots_per_head):
@@ -99,36 +73,6 @@ def naive_sparse_attention(q, keys, values, indices, scale):
 
 def _close(got, want, atol, rtol=1e-4):
     torch.testing.assert_close(got.cpu().double(), want.double(), atol=atol, rtol=rtol)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", PAGE_SHAPES, ids=str)
-def test_rocketkv_page_scores_torch(device, shape):
-    q, page_min_t, page_max_t, channels, signs = make_page_inputs(*shape, torch.float32, device)
-    got = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="torch")
-    assert got.dtype == torch.float32 and got.shape == shape[:3] + (shape[4],)
-    want = naive_rocketkv_page_scores(*(t.cpu() for t in (q, page_min_t, page_max_t, channels, signs)))
-    _close(got, want, atol=1e-4)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", PAGE_SHAPES, ids=str)
-def test_quest_page_scores_torch(device, shape):
-    q, page_min_t, page_max_t, _, _ = make_page_inputs(*shape, torch.float32, device)
-    got = kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch")
-    assert got.dtype == torch.float32 and got.shape == shape[:3] + (shape[4],)
-    _close(got, naive_quest_page_scores(q.cpu(), page_min_t.cpu(), page_max_t.cpu()), atol=1e-4)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_rocketkv_all_channels_with_matching_signs_equals_quest(device):
-    """With r = d and signs = sign(q) (g = 1) the RocketKV bound is exactly Quest's."""
-    q, page_min_t, page_max_t, _, _ = make_page_inputs(1, 2, 1, 16, 37, 16, torch.float32, device)
-    channels = torch.arange(16, device=device).expand(1, 2, 16).contiguous()
-    signs = torch.where(q[:, :, 0] >= 0, 1.0, -1.0)
-    rocket = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="torch")
-    quest = kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch")
-    _close(rocket, quest.cpu(), atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -170,11 +114,11 @@ def test_sparse_with_all_slots_matches_dense():
 
 
 def test_auto_backend_on_cpu_is_torch_and_bad_backend_raises():
-    q, page_min_t, page_max_t, _, _ = make_page_inputs(1, 2, 4, 16, 9, 4, torch.float32, "cpu")
-    auto = kernels.quest_page_scores(q, page_min_t, page_max_t)
-    assert torch.equal(auto, kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch"))
+    q, keys, values, indices = make_sparse_inputs(1, 2, 4, 16, 9, 4, torch.float32, "cpu")
+    auto = kernels.sparse_decode_attention(q, keys, values, indices, 0.2)
+    assert torch.equal(auto, kernels.sparse_decode_attention(q, keys, values, indices, 0.2, backend="torch"))
     with pytest.raises(ValueError, match="backend"):
-        kernels.quest_page_scores(q, page_min_t, page_max_t, backend="cuda")
+        kernels.sparse_decode_attention(q, keys, values, indices, 0.2, backend="cuda")
 
 
 def _run_python(args, extra_env):
@@ -200,9 +144,9 @@ def test_package_imports_without_triton():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed; the triton backend cannot be checked")
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is here: the compiled kernels are checked instead of the interpreter")
-@pytest.mark.parametrize("kernel", ["page_scores", "sparse_decode"])
-def test_triton_matches_torch_in_interpreter(kernel):
-    result = _run_python([str(CHECK_SCRIPT), "--kernel", kernel, "--device", "cpu"], {"TRITON_INTERPRET": "1"})
+def test_triton_matches_torch_in_interpreter():
+    result = _run_python([str(CHECK_SCRIPT), "--kernel", "sparse_decode", "--device", "cpu"],
+                         {"TRITON_INTERPRET": "1"})
     if result.returncode and "only 0-dimensional arrays can be converted" in result.stderr:
         import numpy
         import triton
@@ -213,9 +157,8 @@ def test_triton_matches_torch_in_interpreter(kernel):
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
-@pytest.mark.parametrize("kernel", ["page_scores", "sparse_decode"])
-def test_triton_matches_torch_on_cuda(kernel):
-    all_ok, lines = run_checks("cuda", kernel, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+def test_triton_matches_torch_on_cuda():
+    all_ok, lines = run_checks("cuda", "sparse_decode", dtypes=(torch.float32, torch.float16, torch.bfloat16))
     assert all_ok, "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Triton-vs-torch agreement checks for rocketkv.core.kernels.
+"""Triton-vs-torch agreement checks for rocketkv.core.kernels' sparse decode attention.
 
 On CPU this must run with TRITON_INTERPRET=1 set before triton is imported, so
 tests/test_kernels.py launches it as a subprocess:
@@ -18,18 +18,6 @@ import sys
 import torch
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}  # bfloat16: CUDA only
-# Page scores are fp32 on both backends from identical inputs, so fp16 inputs get the fp32
-# tolerance, relative to the score magnitude (a sum of up to d products).
-PAGE_SCORE_RTOL = 1e-4
-
-# (batch, kv_heads, group, head_dim, num_pages, num_channels)
-PAGE_CASES = [
-    (1, 2, 1, 32, 37, 1),
-    (2, 3, 4, 32, 100, 32),
-    (1, 2, 4, 64, 129, 7),
-    (1, 1, 3, 16, 5, 16),
-    (1, 3, 48, 64, 20, 9),  # a wide group (more query rows than one block)
-]
 # (batch, kv_heads, group, head_dim, stored_tokens, selected)
 SPARSE_CASES = [
     (1, 2, 1, 32, 37, 37),
@@ -37,23 +25,6 @@ SPARSE_CASES = [
     (1, 2, 4, 64, 300, 129),
     (1, 1, 2, 16, 40, 1),
 ]
-
-
-def make_page_inputs(batch, kv_heads, group, head_dim, num_pages, num_channels, dtype, device, seed=0):
-    """Random q, page_min_t <= page_max_t [B,Hkv,d,P], distinct channels [B,Hkv,r], +-1 signs."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, kv_heads, group, head_dim, generator=gen)
-    first = torch.randn(batch, kv_heads, head_dim, num_pages, generator=gen)
-    second = torch.randn(batch, kv_heads, head_dim, num_pages, generator=gen)
-    channels = torch.rand(batch, kv_heads, head_dim, generator=gen).argsort(dim=-1)[..., :num_channels]
-    signs = torch.where(torch.rand(batch, kv_heads, num_channels, generator=gen) > 0.5, 1.0, -1.0)
-    return (
-        q.to(device, dtype),
-        torch.minimum(first, second).to(device, dtype),
-        torch.maximum(first, second).to(device, dtype),
-        channels.to(device),
-        signs.to(device, dtype),
-    )
 
 
 def make_sparse_inputs(batch, kv_heads, group, head_dim, stored, selected, dtype, device, seed=0):
@@ -82,33 +53,6 @@ def _compare(name, got, want, atol):
     error = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
     ok = got.shape == want.shape and got.dtype == want.dtype and error <= atol
     return ok, f"{'ok  ' if ok else 'FAIL'} {name}: shape={tuple(got.shape)} dtype={got.dtype} max_err={error:.2e} atol={atol:g}"
-
-
-def check_page_scores(device, dtype):
-    from rocketkv.core import kernels
-
-    results = []
-    for case in PAGE_CASES:
-        q, page_min_t, page_max_t, channels, signs = make_page_inputs(*case, dtype, device)
-        want = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="torch")
-        got = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="triton")
-        atol = PAGE_SCORE_RTOL * max(1.0, want.abs().max().item())
-        results.append(_compare(f"rocketkv_page_scores{case} {dtype}", got, want, atol))
-
-        want = kernels.quest_page_scores(q, page_min_t, page_max_t, backend="torch")
-        got = kernels.quest_page_scores(q, page_min_t, page_max_t, backend="triton")
-        atol = PAGE_SCORE_RTOL * max(1.0, want.abs().max().item())
-        results.append(_compare(f"quest_page_scores{case} {dtype}", got, want, atol))
-
-    # Non-contiguous metadata: a [B, Hkv, P, d] buffer viewed channel-major.
-    q, page_min_t, page_max_t, channels, signs = make_page_inputs(1, 2, 4, 32, 50, 8, dtype, device)
-    page_min_t = page_min_t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    page_max_t = page_max_t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    want = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="torch")
-    got = kernels.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs, backend="triton")
-    atol = PAGE_SCORE_RTOL * max(1.0, want.abs().max().item())
-    results.append(_compare(f"rocketkv_page_scores strided {dtype}", got, want, atol))
-    return results
 
 
 def check_sparse_decode(device, dtype):
@@ -140,7 +84,7 @@ def check_sparse_decode(device, dtype):
     return results
 
 
-CHECKS = {"page_scores": check_page_scores, "sparse_decode": check_sparse_decode}
+CHECKS = {"sparse_decode": check_sparse_decode}
 
 
 def run_checks(device, kernel="all", dtypes=(torch.float32, torch.float16)):

@@ -30,8 +30,6 @@ __all__ = [
     "quest_group_scores",
     "select_units",
     "slot_scores",
-    "quest_page_scores",
-    "rocketkv_page_scores",
     "sparse_decode_attention",
     "triton_available",
 ]
@@ -92,36 +90,6 @@ def use_triton(backend: str, tensor: torch.Tensor, supported: bool = True) -> bo
             raise RuntimeError("backend='triton' requested but triton is not importable")
         return True
     return tensor.is_cuda and supported and triton_available()
-
-
-def rocketkv_page_scores(
-    q: torch.Tensor,
-    page_min_t: torch.Tensor,
-    page_max_t: torch.Tensor,
-    channels: torch.Tensor,
-    signs: torch.Tensor,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Page scores from r sign-selected channels: float32 [B, Hkv, g, P].
-
-    q [B, Hkv, g, d]; page_min_t / page_max_t [B, Hkv, d, P]; channels [B, Hkv, r]
-    int64; signs [B, Hkv, r] (+1 uses the page max on that channel, -1 the min).
-    """
-    if use_triton(backend, q):
-        return _triton_module().rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs)
-    return reference.rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs)
-
-
-def quest_page_scores(
-    q: torch.Tensor,
-    page_min_t: torch.Tensor,
-    page_max_t: torch.Tensor,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Quest page upper bounds over all d channels: float32 [B, Hkv, g, P]."""
-    if use_triton(backend, q):
-        return _triton_module().quest_page_scores(q, page_min_t, page_max_t)
-    return reference.quest_page_scores(q, page_min_t, page_max_t)
 
 
 def sparse_decode_attention(

@@ -14,45 +14,6 @@ import math
 import torch
 
 
-def rocketkv_page_scores(
-    q: torch.Tensor,
-    page_min_t: torch.Tensor,
-    page_max_t: torch.Tensor,
-    channels: torch.Tensor,
-    signs: torch.Tensor,
-) -> torch.Tensor:
-    """Upper-bound page scores from r selected channels -> float32 [B, Hkv, g, P].
-
-    q: [B, Hkv, g, d]; page_min_t / page_max_t: [B, Hkv, d, P];
-    channels: [B, Hkv, r] int64; signs: [B, Hkv, r] (+1 picks the max row, else min).
-    """
-    group = q.shape[2]
-    num_pages = page_max_t.shape[-1]
-    q_selected = torch.gather(q, 3, channels.unsqueeze(2).expand(-1, -1, group, -1))
-    row_index = channels.unsqueeze(-1).expand(-1, -1, -1, num_pages)
-    bound_rows = torch.where(
-        (signs > 0).unsqueeze(-1),
-        torch.gather(page_max_t, 2, row_index),
-        torch.gather(page_min_t, 2, row_index),
-    )
-    return torch.matmul(q_selected.float(), bound_rows.float())
-
-
-def quest_page_scores(
-    q: torch.Tensor, page_min_t: torch.Tensor, page_max_t: torch.Tensor
-) -> torch.Tensor:
-    """Quest upper bound sum_j max(q_j * min_j, q_j * max_j) -> float32 [B, Hkv, g, P].
-
-    Assumes page_min_t <= page_max_t element-wise (true for min/max metadata),
-    which turns the element-wise max into two matmuls: positive query entries
-    pair with the max row, negative ones with the min row.
-    """
-    q32 = q.float()
-    return torch.matmul(q32.clamp(min=0), page_max_t.float()) + torch.matmul(
-        q32.clamp(max=0), page_min_t.float()
-    )
-
-
 def _softmax_weighted_sum(
     scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Triton decode kernels and their launch wrappers.
+"""Triton sparse decode attention over selected slots, and its launch wrapper.
 
-All kernels take the grouped query layout [B, Hkv, g, d]: one program serves
-the g query heads of a KV head, so page metadata and gathered K/V are read
-once per group. Accumulation is fp32. The wrappers accept CPU tensors too, so
-the kernels can be checked with TRITON_INTERPRET=1.
+The kernels take the grouped query layout [B, Hkv, g, d]: one program serves
+the g query heads of a KV head, so gathered K/V are read once per group.
+Accumulation is fp32. The wrapper accepts CPU tensors too, so the kernels can
+be checked with TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -12,114 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-PAGE_BLOCK = 64
-CHANNEL_BLOCK = 16
 TOKEN_BLOCK = 16
 # Upper bound on programs per KV head in the split-k decode; more chunks only add combine work.
 MAX_CHUNKS_PER_HEAD = 64
-
-
-@triton.jit
-def _rocketkv_page_scores_kernel(
-    q_ptr, min_ptr, max_ptr, channels_ptr, signs_ptr, out_ptr,
-    num_kv_heads, group, num_pages, num_channels,
-    q_sb, q_sh, q_sg, q_sd,
-    min_sb, min_sh, min_sd, min_sp,
-    max_sb, max_sh, max_sd, max_sp,
-    ch_sb, ch_sh, ch_sr,
-    sg_sb, sg_sh, sg_sr,
-    out_sb, out_sh, out_sg, out_sp,
-    GROUP_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    # int64 so batch offsets cannot overflow on large caches.
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    h = (pid_bh % num_kv_heads).to(tl.int64)
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    g_mask = offs_g < group
-    p_mask = offs_p < num_pages
-
-    q_base = q_ptr + b * q_sb + h * q_sh
-    min_base = min_ptr + b * min_sb + h * min_sh
-    max_base = max_ptr + b * max_sb + h * max_sh
-    acc = tl.zeros((GROUP_PAD, BLOCK_P), dtype=tl.float32)
-
-    for r_start in range(0, num_channels, BLOCK_R):
-        offs_r = r_start + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < num_channels
-        ch = tl.load(channels_ptr + b * ch_sb + h * ch_sh + offs_r * ch_sr, mask=r_mask, other=0)
-        sign = tl.load(signs_ptr + b * sg_sb + h * sg_sh + offs_r * sg_sr, mask=r_mask, other=0.0)
-        use_max = sign > 0
-        tile_mask = r_mask[:, None] & p_mask[None, :]
-        # Masked loads skip memory, so each channel row is read from exactly one of the two tensors.
-        rows_max = tl.load(
-            max_base + ch[:, None] * max_sd + offs_p[None, :] * max_sp,
-            mask=tile_mask & use_max[:, None], other=0.0,
-        )
-        rows_min = tl.load(
-            min_base + ch[:, None] * min_sd + offs_p[None, :] * min_sp,
-            mask=tile_mask & (sign <= 0)[:, None], other=0.0,
-        )
-        rows = tl.where(use_max[:, None], rows_max, rows_min).to(tl.float32)
-        q_sel = tl.load(
-            q_base + offs_g[:, None] * q_sg + ch[None, :] * q_sd,
-            mask=g_mask[:, None] & r_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(q_sel[:, :, None] * rows[None, :, :], axis=1)
-
-    out_ptrs = out_ptr + b * out_sb + h * out_sh + offs_g[:, None] * out_sg + offs_p[None, :] * out_sp
-    tl.store(out_ptrs, acc, mask=g_mask[:, None] & p_mask[None, :])
-
-
-@triton.jit
-def _quest_page_scores_kernel(
-    q_ptr, min_ptr, max_ptr, out_ptr,
-    num_kv_heads, group, num_pages, head_dim,
-    q_sb, q_sh, q_sg, q_sd,
-    min_sb, min_sh, min_sd, min_sp,
-    max_sb, max_sh, max_sd, max_sp,
-    out_sb, out_sh, out_sg, out_sp,
-    GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    # int64 so batch offsets cannot overflow on large caches.
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    h = (pid_bh % num_kv_heads).to(tl.int64)
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    g_mask = offs_g < group
-    p_mask = offs_p < num_pages
-
-    q_base = q_ptr + b * q_sb + h * q_sh
-    min_base = min_ptr + b * min_sb + h * min_sh
-    max_base = max_ptr + b * max_sb + h * max_sh
-    acc = tl.zeros((GROUP_PAD, BLOCK_P), dtype=tl.float32)
-
-    for d_start in range(0, head_dim, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < head_dim
-        tile_mask = d_mask[:, None] & p_mask[None, :]
-        rows_min = tl.load(
-            min_base + offs_d[:, None] * min_sd + offs_p[None, :] * min_sp, mask=tile_mask, other=0.0
-        ).to(tl.float32)
-        rows_max = tl.load(
-            max_base + offs_d[:, None] * max_sd + offs_p[None, :] * max_sp, mask=tile_mask, other=0.0
-        ).to(tl.float32)
-        q_tile = tl.load(
-            q_base + offs_g[:, None] * q_sg + offs_d[None, :] * q_sd,
-            mask=g_mask[:, None] & d_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        q3 = q_tile[:, :, None]
-        bound = tl.maximum(q3 * rows_min[None, :, :], q3 * rows_max[None, :, :])
-        acc += tl.sum(bound, axis=1)
-
-    out_ptrs = out_ptr + b * out_sb + h * out_sh + offs_g[:, None] * out_sg + offs_p[None, :] * out_sp
-    tl.store(out_ptrs, acc, mask=g_mask[:, None] & p_mask[None, :])
 
 
 @triton.jit
@@ -218,42 +113,6 @@ def _sparse_decode_combine_kernel(
 
 def _group_pad(group: int) -> int:
     return triton.next_power_of_2(group)
-
-
-def rocketkv_page_scores(q, page_min_t, page_max_t, channels, signs):
-    batch, kv_heads, group, _ = q.shape
-    num_pages = page_max_t.shape[-1]
-    num_channels = channels.shape[-1]
-    out = torch.empty((batch, kv_heads, group, num_pages), device=q.device, dtype=torch.float32)
-    if num_pages == 0 or batch * kv_heads * group == 0:
-        return out
-    if num_channels == 0:
-        return out.zero_()
-    grid = (batch * kv_heads, triton.cdiv(num_pages, PAGE_BLOCK))
-    _rocketkv_page_scores_kernel[grid](
-        q, page_min_t, page_max_t, channels, signs, out,
-        kv_heads, group, num_pages, num_channels,
-        *q.stride(), *page_min_t.stride(), *page_max_t.stride(),
-        *channels.stride(), *signs.stride(), *out.stride(),
-        GROUP_PAD=_group_pad(group), BLOCK_R=CHANNEL_BLOCK, BLOCK_P=PAGE_BLOCK,
-    )
-    return out
-
-
-def quest_page_scores(q, page_min_t, page_max_t):
-    batch, kv_heads, group, head_dim = q.shape
-    num_pages = page_max_t.shape[-1]
-    out = torch.empty((batch, kv_heads, group, num_pages), device=q.device, dtype=torch.float32)
-    if num_pages == 0 or batch * kv_heads * group == 0:
-        return out
-    grid = (batch * kv_heads, triton.cdiv(num_pages, PAGE_BLOCK))
-    _quest_page_scores_kernel[grid](
-        q, page_min_t, page_max_t, out,
-        kv_heads, group, num_pages, head_dim,
-        *q.stride(), *page_min_t.stride(), *page_max_t.stride(), *out.stride(),
-        GROUP_PAD=_group_pad(group), BLOCK_D=CHANNEL_BLOCK, BLOCK_P=PAGE_BLOCK,
-    )
-    return out
 
 
 def sparse_decode_attention(q, keys, values, indices, scale, max_chunks_per_head=MAX_CHUNKS_PER_HEAD):
