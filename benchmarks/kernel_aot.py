@@ -86,12 +86,15 @@ def selection_examples(kernels, q, keys, upto, budget: int, rand) -> dict[str, C
 
 
 def kernel_functions() -> dict[str, object]:
-    """Every Triton kernel (``JITFunction``, possibly under autotune / heuristics) in rocketkv.core.kernels.*."""
+    """Every Triton kernel (``JITFunction``, possibly under autotune / heuristics) in rocketkv.core.kernels.triton_*
+    (the other modules are the torch reference and the numba CPU kernels, whose numba may be absent)."""
     import rocketkv.core.kernels as package
     from triton.runtime.jit import JITFunction
 
     found = {}
     for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("triton_"):
+            continue
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, obj in vars(module).items():
             fn = obj

@@ -142,6 +142,21 @@ def test_package_imports_without_triton():
     assert result.returncode == 0, result.stderr
 
 
+def test_cpu_kernels_fall_back_to_torch_without_numba():
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch, pytest, rocketkv.core.kernels as k\n"
+        "scores = torch.randn(1, 2, 50)\n"
+        "assert not k.use_numba('auto', scores)\n"
+        "idx, count, _ = k.select_units(scores, torch.tensor(40), 1, 5, 5, False)\n"
+        "assert idx.shape == (1, 2, 5) and count.tolist() == [[5, 5]]\n"
+        "with pytest.raises(RuntimeError, match='numba is not importable'):\n"
+        "    k.use_numba('numba', scores)\n"
+    )
+    result = _run_python(["-c", code], {})
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed; the triton backend cannot be checked")
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is here: the compiled kernels are checked instead of the interpreter")
 def test_triton_matches_torch_in_interpreter():
