@@ -129,32 +129,30 @@ def _run_python(args, extra_env):
     )
 
 
-def test_package_imports_without_triton():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch, rocketkv.core.kernels as k\n"
-        "assert not k.triton_available()\n"
-        "q = torch.randn(1, 1, 2, 16); keys = torch.randn(1, 1, 5, 16)\n"
-        "out = k.sparse_decode_attention(q, keys, keys, torch.tensor([[[0, 3, -1]]]), 0.25)\n"
-        "assert out.shape == q.shape\n"
-    )
-    result = _run_python(["-c", code], {})
+def _passes_without(module: str, *lines: str) -> None:
+    """``lines`` of Python run in a fresh interpreter where ``module`` cannot be imported, and pass."""
+    result = _run_python(["-c", "\n".join([f"import sys; sys.modules[{module!r}] = None", *lines])], {})
     assert result.returncode == 0, result.stderr
+
+
+def test_package_imports_without_triton():
+    _passes_without("triton",
+                    "import torch, rocketkv.core.kernels as k",
+                    "assert not k.triton_available()",
+                    "q = torch.randn(1, 1, 2, 16); keys = torch.randn(1, 1, 5, 16)",
+                    "out = k.sparse_decode_attention(q, keys, keys, torch.tensor([[[0, 3, -1]]]), 0.25)",
+                    "assert out.shape == q.shape")
 
 
 def test_cpu_kernels_fall_back_to_torch_without_numba():
-    code = (
-        "import sys; sys.modules['numba'] = None\n"
-        "import torch, pytest, rocketkv.core.kernels as k\n"
-        "scores = torch.randn(1, 2, 50)\n"
-        "assert not k.use_numba('auto', scores)\n"
-        "idx, count, _ = k.select_units(scores, torch.tensor(40), 1, 5, 5, False)\n"
-        "assert idx.shape == (1, 2, 5) and count.tolist() == [[5, 5]]\n"
-        "with pytest.raises(RuntimeError, match='numba is not importable'):\n"
-        "    k.use_numba('numba', scores)\n"
-    )
-    result = _run_python(["-c", code], {})
-    assert result.returncode == 0, result.stderr
+    _passes_without("numba",
+                    "import torch, pytest, rocketkv.core.kernels as k",
+                    "scores = torch.randn(1, 2, 50)",
+                    "assert not k.use_numba('auto', scores)",
+                    "idx, count, _ = k.select_units(scores, torch.tensor(40), 1, 5, 5, False)",
+                    "assert idx.shape == (1, 2, 5) and count.tolist() == [[5, 5]]",
+                    "with pytest.raises(RuntimeError, match='numba is not importable'):",
+                    "    k.use_numba('numba', scores)")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed; the triton backend cannot be checked")
