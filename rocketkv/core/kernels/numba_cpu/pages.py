@@ -37,10 +37,16 @@ def _hsa_page_probs(q, page_min_t, page_max_t, top, upto, page_size, probs):
     pages = page_max_t.shape[-1]
     live = min(pages, (upto + page_size - 1) // page_size)
     weights = np.empty((g, r), np.float32)
+    use_max = np.empty(r, np.bool_)
     z = np.empty(live, np.float32)
     for b in range(batch):
         for h in range(hkv):
             probs[b, h, :] = 0.0
+            for i in range(r):  # the page max where the group's summed query is positive, else the min
+                summed = np.float32(0.0)
+                for head in range(g):
+                    summed += q[b, h, head, top[b, h, i]]
+                use_max[i] = summed > 0
             for head in range(g):  # SparQ's temperature: 1/tau = 1/sqrt(d·‖q_r‖₁/‖q‖₁), none for a zero query
                 whole = np.float32(0.0)
                 for c in range(d):
@@ -54,12 +60,9 @@ def _hsa_page_probs(q, page_min_t, page_max_t, top, upto, page_size, probs):
                     weights[head, i] = q[b, h, head, top[b, h, i]] * scale
             for head in range(g):
                 z[:] = 0.0
-                for i in range(r):  # the page max where the group's summed query is positive, else the min
+                for i in range(r):
                     c = top[b, h, i]
-                    summed = np.float32(0.0)
-                    for other in range(g):
-                        summed += q[b, h, other, c]
-                    table = page_max_t[b, h, c] if summed > 0 else page_min_t[b, h, c]
+                    table = page_max_t[b, h, c] if use_max[i] else page_min_t[b, h, c]
                     w = weights[head, i]
                     for p in range(live):
                         z[p] += w * table[p]

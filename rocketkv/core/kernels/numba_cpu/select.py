@@ -17,6 +17,7 @@ from rocketkv.core.kernels.numba_cpu.jit import JIT
 _NO_SLOT = -1
 _PRUNE_FROM = 1024  # units per row from which a sampled bound pays for itself
 _STRIDE = 8  # the sample: every 8th unit
+_LEAST = np.int32(-2147483648)  # no ordered value is below it
 
 
 @numba.njit(**JIT, inline="always")
@@ -47,6 +48,19 @@ def _rank_value(values, c, rank, hist):
 
 
 @numba.njit(**JIT)
+def _candidates(bits, n, bound, scratch, units):
+    """The units of ``[0, n)`` whose ordered value reaches ``bound``, in unit order, their values into ``scratch``
+    (branch-free compaction); returns how many."""
+    c = 0
+    for u in range(n):
+        o = _ordered(bits[u])
+        scratch[c] = o
+        units[c] = u
+        c += o >= bound
+    return c
+
+
+@numba.njit(**JIT)
 def _top_m(row, n, m, scratch, units, keys, hist):
     """The m best of units ``[0, n)`` of ``row`` by (score desc, unit asc), ascending into ``units[:m]``, their keys
     (``reference.ordered_keys``) into ``keys[:m]``; returns m.
@@ -56,23 +70,15 @@ def _top_m(row, n, m, scratch, units, keys, hist):
     unit is a candidate), so the result is exact whatever the data.  Among the candidates, the m-th best value
     is found by radix selection, and equal values at the cut go to the lower units."""
     bits = row.view(np.int32)
-    bound = np.int32(-2147483648)
+    bound = _LEAST
     if n >= _PRUNE_FROM:
         drawn = (n + _STRIDE - 1) // _STRIDE
         for j in range(drawn):
             scratch[j] = _ordered(bits[j * _STRIDE])
         bound = _rank_value(scratch, drawn, min(drawn, 2 * m // _STRIDE + 1), hist)
-    c = 0
-    for u in range(n):  # branch-free compaction, in unit order
-        o = _ordered(bits[u])
-        scratch[c] = o
-        units[c] = u
-        c += o >= bound
+    c = _candidates(bits, n, bound, scratch, units)
     if c < m:  # the sample misled: every unit is a candidate
-        for u in range(n):
-            scratch[u] = _ordered(bits[u])
-            units[u] = u
-        c = n
+        c = _candidates(bits, n, _LEAST, scratch, units)
     cut = _rank_value(scratch, c, m, hist)
     above = 0
     for i in range(c):
