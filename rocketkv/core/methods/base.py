@@ -112,8 +112,8 @@ class Method:
         self._check_int_option("window", 1)
         self._check_int_option("skip_layers", 0)
         if self.kernels not in KERNEL_BACKENDS:
-            raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use auto, torch, triton "
-                             f"or numba")
+            valid = ", ".join(KERNEL_BACKENDS[:-1]) + f" or {KERNEL_BACKENDS[-1]}"
+            raise ValueError(f"method {self.name!r}: kernels={self.kernels!r} is not valid; use {valid}")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"method {self.name!r}: cuda_graphs={self.cuda_graphs!r} is not valid; use auto, on or off")
         if self.compile not in COMPILE_MODES:
