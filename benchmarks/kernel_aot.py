@@ -71,6 +71,7 @@ def selection_examples(kernels, q, keys, upto, budget: int, rand) -> dict[str, C
     per_head = torch.rand(b, hkv * g, n)
     idx = torch.rand(b, hkv, g, n).topk(k, dim=-1).indices
     channels = torch.rand(b, hkv, g, d).topk(sparq["channels"], dim=-1).indices
+    keys_by_channel = keys.transpose(2, 3).contiguous()  # SparQ's copy of K, [B, Hkv, d, C]
     return {
         "fold_page_bounds": lambda: kernels.fold_page_bounds(keys, tables[p], tables[p], upto, p, "triton"),
         "hsa_page_probs": lambda: kernels.hsa_page_probs(q, tables[p], tables[p], upto, p, hsa["channels"],
@@ -80,7 +81,8 @@ def selection_examples(kernels, q, keys, upto, budget: int, rand) -> dict[str, C
         "select_units (slots per head, mass)": lambda: kernels.select_units(per_head, upto, 1, k, k, False,
                                                                              mass=True, backend="triton"),
         "slot_scores": lambda: kernels.slot_scores(q, keys, upto, backend="triton"),
-        "slot_scores (sparq channels)": lambda: kernels.slot_scores(q, keys, upto, channels, backend="triton"),
+        "slot_scores (sparq channels)": lambda: kernels.slot_scores(q, keys_by_channel.mT, upto, channels,
+                                                                    backend="triton"),
         "union_reads": lambda: kernels.union_reads(idx, upto, 2 * d, n, channels, d, backend="triton"),
     }
 

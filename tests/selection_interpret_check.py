@@ -100,6 +100,10 @@ def check(case, seed=0):
         ch = q.abs().topk(min(r, d), dim=-1).indices
         sparq = {be: kernels.slot_scores(q, keys, upto_t, ch, backend=be) for be in ("torch", "triton")}
         same("slot_scores channels", sparq["triton"], sparq["torch"])
+        by_channel = keys.transpose(2, 3).contiguous().mT  # SparQ's channel-major copy of K
+        sparq_t = {be: kernels.slot_scores(q, by_channel, upto_t, ch, backend=be) for be in ("torch", "triton")}
+        same("slot_scores channels (channel-major K)", sparq_t["triton"], sparq_t["torch"])
+        same("slot_scores channels (channel-major K = row-major K)", sparq_t["torch"], sparq["torch"])
         rows = exact["torch"].flatten(1, 2)
         for name, scores in (("given", rows), ("tied", rows.round())):
             got = kernels.select_units(scores, upto_t, 1, k, min(k, cap), False, True, backend="triton")

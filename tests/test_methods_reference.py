@@ -647,3 +647,24 @@ def test_attend_indices_equals_each_rows_own_softmax(rows_share_a_set, k):
                 sel = sel[sel >= 0]
                 ref = ref_attend(q[bi, kh, r].double(), K[bi, kh, sel].double(), V[bi, kh, sel].double(), d ** -0.5)
                 torch.testing.assert_close(out[bi, kh, r].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sparq_keeps_a_channel_major_copy_of_every_stored_key():
+    """SparQ's metadata: K again, channel-major, built at ``index`` and extended by one column per decode step (also
+    when the eager buffers grow); its bytes are the stored slots' K plus the running V sum."""
+    b, hkv, g, d, slots = 2, 2, 3, 16, 40
+    m = make_method("sparq", 64, kernels="torch")
+    layer, _, _ = make_layer(m, b, hkv, g, d, slots, seed=3)
+    plan = m.plan(slots, 8, d)
+    m.index(layer, plan, slots)
+    assert torch.equal(layer.meta["keys_t"][..., :slots], layer.keys[:, :, :slots].transpose(2, 3))
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3 * layer.capacity):  # past the capacity: the buffers grow
+        k, v = torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen)
+        layer.update(k, v)
+        m.index(layer, plan, torch.tensor(layer.stored))
+    n = layer.stored
+    assert n > slots and layer.meta["keys_t"].shape[-1] >= n
+    assert torch.equal(layer.meta["keys_t"][..., :n], layer.keys[:, :, :n].transpose(2, 3))
+    torch.testing.assert_close(layer.meta["value_sum"], layer.values[:, :, :n].sum(2))
+    assert m.metadata_bytes(layer, plan) == (b * hkv * d * n + b * hkv * d) * 4

@@ -139,3 +139,20 @@ def test_hsa_page_probs_and_page_fold_equal_the_reference(b, hkv, g, d, pages, p
         fold_reference(keys, *tables["torch"], torch.tensor(newest), page_size)
         numba_cpu.fold_page_bounds(keys, *tables["numba"], torch.tensor(newest), page_size)
         assert all(torch.equal(a, c) for a, c in zip(tables["torch"], tables["numba"]))
+
+
+@pytest.mark.parametrize("b,hkv,g,d,slots,r,upto", [(1, 3, 3, 64, 8100, 2, 8000), (2, 2, 4, 16, 61, 5, 61),
+                                                    (1, 1, 1, 8, 9, 8, 3)])
+def test_channel_scores_from_channel_major_keys_equal_the_reference(b, hkv, g, d, slots, r, upto):
+    """SparQ's approximate scores read from its channel-major copy of K equal the row-major reference's (whose query
+    is zero off the channels), a zero query included; -inf from upto on."""
+    keys = torch.randn(b, hkv, slots, d, generator=_gen(4))
+    keys_t = keys.transpose(2, 3).contiguous()
+    for q in (torch.randn(b, hkv, g, d, generator=_gen(5)), torch.zeros(b, hkv, g, d)):
+        channels = q.abs().topk(r, dim=-1, sorted=False).indices
+        want = reference.scores(q, keys, torch.tensor(upto), channels)
+        for got in (numba_cpu.channel_scores(q, keys_t, torch.tensor(upto), channels),
+                    reference.scores(q, keys_t.mT, torch.tensor(upto), channels),
+                    kernels.slot_scores(q, keys_t.mT, torch.tensor(upto), channels, backend="auto")):
+            assert torch.isinf(got[..., upto:]).all() and (got[..., upto:] < 0).all()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -178,9 +178,12 @@ def select_units(scores, upto, page_size: int, budget: int, width: int, split: b
 
 
 def slot_scores(q, keys, upto, channels=None, backend: str = "auto"):
-    """``q·k`` per head over the buffer ``[B, Hkv, g, C]`` fp32, -inf from ``upto`` on (``reference.scores``)."""
+    """``q·k`` per head over the buffer ``[B, Hkv, g, C]`` fp32, -inf from ``upto`` on (``reference.scores``).
+    ``keys`` ``[B, Hkv, C, d]`` row-major, or with ``channels`` a channel-major copy seen through ``.mT``."""
     if use_triton(backend, q):
         return _triton_module("triton_select").scores(q, keys, upto, channels)
+    if channels is not None and keys.stride(-2) == 1 and use_numba(backend, q, keys):
+        return _numba_module().channel_scores(q, keys.mT, upto, channels)
     return reference.scores(q, keys, upto, channels)
 
 

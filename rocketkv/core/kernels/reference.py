@@ -210,19 +210,33 @@ def scores(q, keys, upto, channels=None, chunk: int = 4096) -> torch.Tensor:
     """``q·k`` per head over the buffer's slots ``[B, Hkv, g, C]`` in fp32, -inf from ``upto`` on; with ``channels``
     ``[B, Hkv, g, r]`` only those channels, times SparQ's 1/tau.  A non-fp32 cache is up-cast a chunk at a time.
 
-    With ``channels`` the query is zero off them: a product with all of K costs less on CPU than gathering r
-    channels of it, and the zeros add nothing."""
+    ``keys`` may be a channel-major copy seen as ``[B, Hkv, C, d]`` (``keys_t.mT``, SparQ's): with ``channels`` the
+    product then reads only those r rows of each head.  On row-major K the query is zero off the channels instead: a
+    product with all of K costs less on CPU than gathering r strided channels of it, and the zeros add nothing."""
     qf = q.float()
     if channels is not None:
         picked = qf.gather(-1, channels)
         inv_tau = (qf.abs().sum(-1, keepdim=True)
                    / (q.shape[-1] * picked.abs().sum(-1, keepdim=True).clamp_min(1e-30))).sqrt()
+        if keys.stride(-2) == 1:
+            return _channel_rows_scores(picked * inv_tau, keys.mT, channels).clamp_(
+                max=_live_cap(keys.shape[2], 1, upto, q.device))
         qf = torch.zeros_like(qf).scatter_(-1, channels, picked * inv_tau)
     if keys.dtype == torch.float32:
         out = qf @ keys.mT
     else:
         out = torch.cat([qf @ keys[:, :, s:s + chunk].float().mT for s in range(0, keys.shape[2], chunk)], dim=-1)
     return out.clamp_(max=_live_cap(keys.shape[2], 1, upto, q.device))
+
+
+def _channel_rows_scores(q_picked: torch.Tensor, keys_t: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """``Σ_j q_picked[..., j] · keys_t[b, h, channels[..., j], :]``: ``[B, Hkv, g, C]`` fp32 from the r rows of
+    channel-major K ``[B, Hkv, d, C]`` each head picked."""
+    b, hkv, g, r = channels.shape
+    d, cap = keys_t.shape[-2:]
+    first_row = torch.arange(b * hkv, device=channels.device).view(b, hkv, 1, 1) * d
+    rows = keys_t.reshape(b * hkv * d, cap).index_select(0, (first_row + channels).view(-1))
+    return (q_picked.unsqueeze(-2) @ rows.view(b, hkv, g, r, cap).float()).squeeze(-2)
 
 
 def _distinct(idx: torch.Tensor, n: int) -> torch.Tensor:

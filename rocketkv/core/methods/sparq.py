@@ -1,6 +1,9 @@
 """SparQ: approximate scores on the top-r channels of |q|, exact attention on the top-k tokens, mean-value
 reallocation ``y = α·y_k + (1−α)·mean(V)``, with mean(V) from a running sum of V kept as slots arrive (``index``).
-Budget: ``r = max(1, round(d·t/S))``, ``k = t/2``."""
+Budget: ``r = max(1, round(d·t/S))``, ``k = t/2``.
+
+As in the paper, K is kept twice: a channel-major copy (``keys_t``, ``[B, Hkv, d, C]``, the method's metadata) makes
+the approximate scores read r contiguous rows of each head instead of every slot's whole key."""
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +25,28 @@ class SparQ(Method):
                 "dense": covers_sequence(topk, prompt_len, max_new_tokens)}
 
     def index(self, layer, plan, upto=None):
-        """The sum of V over the stored slots, kept as they arrive: the reallocation's mean(V) reads d values per
-        head instead of all of V."""
+        """The sum of V over the stored slots, kept as they arrive (the reallocation's mean(V) reads d values per
+        head instead of all of V), and the channel-major copy of K, one column per arriving slot."""
+        meta = layer.meta
         if upto is None or isinstance(upto, int):
-            layer.meta["value_sum"] = layer.values[:, :, :layer.stored if upto is None else upto].float().sum(2)
-        else:
-            layer.meta["value_sum"] += layer.values.index_select(2, (upto - 1).view(1)).squeeze(2).float()
+            n = layer.stored if upto is None else upto
+            meta["value_sum"] = layer.values[:, :, :n].float().sum(2)
+            b, hkv, _, d = layer.keys.shape
+            meta["keys_t"] = layer.keys.new_zeros(b, hkv, d, layer.capacity)
+            meta["keys_t"][..., :n] = layer.keys[:, :, :n].transpose(2, 3)
+            return
+        slot = (upto - 1).view(1)
+        meta["value_sum"] += layer.values.index_select(2, slot).squeeze(2).float()
+        if meta["keys_t"].shape[-1] < layer.capacity:  # the buffers grew (eager decode only)
+            meta["keys_t"] = torch.nn.functional.pad(meta["keys_t"], (0, layer.capacity - meta["keys_t"].shape[-1]))
+        meta["keys_t"].index_copy_(-1, slot, layer.keys.index_select(2, slot).transpose(2, 3))
+
+    def metadata_bytes(self, layer, plan):
+        """The K copy of the stored slots and the running V sum (the copy has room for more slots)."""
+        keys_t = layer.meta.get("keys_t")
+        copy = 0 if keys_t is None else keys_t[..., :layer.stored].numel() * keys_t.element_size()
+        value_sum = layer.meta.get("value_sum")
+        return copy + (0 if value_sum is None else value_sum.numel() * value_sum.element_size())
 
     def decode(self, layer, q, upto, plan, scaling):
         b, hkv, g, d = q.shape
@@ -35,7 +54,7 @@ class SparQ(Method):
         channels = q.abs().topk(plan["channels"], dim=-1, sorted=False).indices  # [B,Hkv,g,r], per head
         # approximate scores on those channels over SparQ's temperature sqrt(d·‖q_I‖₁/‖q‖₁), fp32 from the cache
         # as stored, -inf from upto on
-        logits = kernels.slot_scores(q, layer.keys, upto, channels, backend=self.kernels)
+        logits = kernels.slot_scores(q, layer.meta["keys_t"].mT, upto, channels, backend=self.kernels)
         idx, _, alpha = kernels.select_units(logits.view(b, hkv * g, slots), upto, 1, k, min(k, slots), False,
                                              mass=True, backend=self.kernels, masked=True)
         idx = idx.view(b, hkv, g, -1)  # the approximate softmax's mass of the chosen slots: α (1 if all chosen)
