@@ -3,6 +3,7 @@ import importlib.util
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,11 @@ def test_a_batch_decodes_every_row_and_counts_its_tokens(compose_cfg, tmp_path):
         assert (decoded["setup_s"] > 0) == graphed
         e = metrics["efficiency"]["300"]
         assert e["batch"] == 3 and e["decode_tokens_per_s"] == pytest.approx(3 * 1e3 / e["ms_per_step"])
-        assert record["score"] == pytest.approx(3 * (5 - setup) / (record["time_decode_s"] - decoded["setup_s"]))
+        steady = decoded["step_ms"][setup:]  # each step timed; the score is the median steady step's
+        assert len(decoded["step_ms"]) == 5 and sum(decoded["step_ms"]) <= 1e3 * record["time_decode_s"]
+        assert record["score"] == pytest.approx(3e3 / statistics.median(steady))
+        assert e["ms_per_step"] == pytest.approx(statistics.median(steady))
+        assert e["ms_per_step_mean"] == pytest.approx(1e3 * (record["time_decode_s"] - decoded["setup_s"]) / (5 - setup))
     assert results[0]["run"]["protocol"]["batch_size"] == 3
 
 
@@ -286,3 +291,21 @@ def test_cuda_floor_inputs_and_peak_memory():
     mem.reset()
     block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
     assert mem.source == "cuda_max_allocated" and mem.read() >= block.numel()
+
+
+def test_ms_per_step_is_the_median_step_so_a_burst_does_not_move_it():
+    """Steps timed one by one: a burst of another process (two slow steps of seven) leaves ms/step at the median of
+    the steady steps, over every repeat; the mean is kept beside it; records without step times use the mean."""
+    def record(rep, step_ms, setup=0):
+        return {"meta": {"length": 64, "repeat": rep}, "new_tokens": len(step_ms) + 1,
+                "time_decode_s": sum(step_ms) / 1e3, "stats": {},
+                "decode": {"batch": 2, "steps": len(step_ms), "setup_steps": setup,
+                           "setup_s": sum(step_ms[:setup]) / 1e3, "step_ms": step_ms}}
+    task = EfficiencyTask({"lengths": [64]})
+    a, b = record(0, [900.0, 10.0, 11.0, 50.0, 12.0], setup=1), record(1, [10.0, 13.0, 60.0])
+    assert task.score_record(SimpleNamespace(meta={}), a) == pytest.approx(2e3 / 11.5)  # median of 10, 11, 50, 12
+    e = task.aggregate([a, b])["efficiency"]["64"]
+    assert e["ms_per_step"] == 12.0 and e["decode_tokens_per_s"] == pytest.approx(2e3 / 12.0)
+    assert e["ms_per_step_mean"] == pytest.approx((83 + 83) / 7)
+    del a["decode"]["step_ms"]
+    assert task.score_record(SimpleNamespace(meta={}), a) == pytest.approx(2 * 4 / 0.083)

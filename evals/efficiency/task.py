@@ -11,8 +11,11 @@ kernels the graph launches per step; under ``context`` the model's weight bytes 
 measured in the run (the floor of the table).
 
 The first new token comes from the last prompt token's step, so the decode loop runs ``max_new_tokens - 1``
-forward steps. ms/step is the steady step: when the steps replay a CUDA graph, the eager warm-up and capture steps
-are left out (they are recorded apart); tokens/s = batch x 1000 / ms/step.  With ``warmup`` a first sample at the
+forward steps, each timed (``decode.step_ms`` in the record: the host clock on CPU, CUDA events on a GPU). ms/step
+is the median steady step (over every repeat of the length): when the steps replay a CUDA graph, the eager warm-up
+and capture steps are left out (they are recorded apart); the median keeps a burst of another process on a shared
+machine out of the number (``ms_per_step_mean`` in ``metrics.json`` is the plain mean); tokens/s = batch x 1000 /
+ms/step.  With ``warmup`` a first sample at the
 smallest length (different tokens) runs every cell once before the timed ones (CUDA context, Triton compilation,
 allocator growth) and is left out of every number.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 from evals.base import Sample, Task, check_lengths_fit, int_list, int_option, stable_hash
 from evals.efficiency.floor import copy_bandwidth, weight_bytes
@@ -49,6 +53,12 @@ def steady_decode(record: dict) -> tuple[int, float, int]:
     steps = decode.get("steps", max(0, int(record.get("new_tokens") or 0) - 1)) - decode.get("setup_steps", 0)
     seconds = (record.get("time_decode_s") or 0.0) - decode.get("setup_s", 0.0)
     return steps, seconds, decode.get("batch", 1)
+
+
+def steady_step_ms(record: dict) -> list[float]:
+    """The record's timed steady steps in ms (empty when its steps were not timed one by one)."""
+    decode = record.get("decode") or {}
+    return (decode.get("step_ms") or [])[decode.get("setup_steps", 0):]
 
 
 class EfficiencyTask(Task):
@@ -104,6 +114,9 @@ class EfficiencyTask(Task):
         if sample.meta.get(WARMUP):
             return None  # left out of every number, the report's paired deltas included
         steps, seconds, rows = steady_decode(record)
+        step_ms = steady_step_ms(record)
+        if step_ms:
+            return rows * 1e3 / statistics.median(step_ms)
         return rows * steps / seconds if steps and seconds > 0 else math.nan
 
     def aggregate(self, records):
@@ -116,6 +129,9 @@ class EfficiencyTask(Task):
             steady = [steady_decode(r) for r in rows]
             steps, seconds = sum(s[0] for s in steady), sum(s[1] for s in steady)
             batch = steady[0][2]
+            step_ms = [ms for r in rows for ms in steady_step_ms(r)]
+            mean_ms = 1e3 * seconds / steps if steps and seconds > 0 else None
+            ms_per_step = statistics.median(step_ms) if step_ms else mean_ms
             mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
             stat = lambda k: mean([r["stats"][k] for r in rows if r["stats"].get(k) is not None])  # noqa: E731
             peaks = [r.get("decode_peak_mem_bytes") for r in rows if r.get("decode_peak_mem_bytes") is not None]
@@ -124,8 +140,9 @@ class EfficiencyTask(Task):
                 "n": len(rows),
                 "new_tokens": mean([r["new_tokens"] for r in rows]),
                 "batch": batch,
-                "decode_tokens_per_s": batch * steps / seconds if steps and seconds > 0 else None,
-                "ms_per_step": 1e3 * seconds / steps if steps else None,
+                "decode_tokens_per_s": batch * 1e3 / ms_per_step if ms_per_step else None,
+                "ms_per_step": ms_per_step,
+                "ms_per_step_mean": mean_ms,
                 "decode_peak_mem_bytes": max(peaks) if peaks else None,
                 "peak_mem_source": rows[0].get("peak_mem_source"),
                 "bytes_read_per_step": stat("bytes_read_per_step"),

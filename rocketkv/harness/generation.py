@@ -31,6 +31,7 @@ class Decoding:
     setup_seconds: float = 0.0  # of which: the eager warm-up and capture steps of a CUDA graph
     setup_steps: int = 0
     kernels_per_step: int | None = None  # kernels a replayed CUDA graph launches per step (None: not captured)
+    step_seconds: list[float] | None = None  # each step's time, in order (the loop without per-token checks only)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -58,6 +59,31 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
+
+
+class StepClock:
+    """The end of each step of a decode loop: the host clock on CPU, CUDA events on a GPU (recorded on the stream,
+    read once after the loop, so timing a step adds no sync)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Time between consecutive marks."""
+        if not self.cuda:
+            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        if self.marks:
+            self.marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def forward(model, rows: list[list[int]], cache) -> torch.Tensor:
@@ -92,12 +118,16 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, s
     stop = [s for s in stop or [] if s]
     step = DecodeStep(model, cache, cache_kwarg(model), graphs=cuda_graphs)
     batch = logits.shape[0]
+    clock = None
     with Timer(model.device) as t:
         if not eos and not stop:
             out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=logits.device)
             out[:, 0] = logits.argmax(-1)
+            clock = StepClock(model.device)
+            clock.mark()
             for i in range(1, max_new_tokens):
                 out[:, i] = step(out[:, i - 1])
+                clock.mark()
                 progress.decoded(i + 1, max_new_tokens)
             tokens = out.tolist()
         else:
@@ -105,7 +135,8 @@ def decode(model, tokenizer, logits: torch.Tensor, cache, max_new_tokens: int, s
     texts = [tokenizer.decode(row, skip_special_tokens=special_tokens != "keep") for row in tokens]
     if stop:
         texts = [cut_at_stop(text, stop)[0] for text in texts]
-    return Decoding(tokens, texts, t.seconds, step.steps, step.setup_seconds, step.setup_steps, step.kernels_per_step)
+    return Decoding(tokens, texts, t.seconds, step.steps, step.setup_seconds, step.setup_steps, step.kernels_per_step,
+                    None if clock is None else clock.seconds())
 
 
 def _decode_checked(step: DecodeStep, first: torch.Tensor, tokenizer, max_new_tokens: int, stop: list[str],

@@ -50,9 +50,11 @@ def sample_record(sample: Sample, rows: list[list[int]], out: Decoded, plan: dic
         "peak_mem_source": out.memory.source, "stats": {k: out.stats.get(k) for k in STAT_KEYS},
         "budget_params": plan,
     }
-    if len(rows) > 1 or d.setup_steps:  # a batch, or a decode replayed as a CUDA graph
+    if len(rows) > 1 or d.setup_steps or d.step_seconds:  # a batch, a CUDA graph's replays, or timed steps
         record["decode"] = {"batch": len(rows), "steps": d.steps, "setup_steps": d.setup_steps,
                             "setup_s": d.setup_seconds}
+        if d.step_seconds:
+            record["decode"]["step_ms"] = [round(1e3 * s, 4) for s in d.step_seconds]
         if d.kernels_per_step is not None:
             record["decode"]["kernels_per_step"] = d.kernels_per_step
     record["score"] = task.score_record(sample, record)
