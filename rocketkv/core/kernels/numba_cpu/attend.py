@@ -36,13 +36,16 @@ def _attend(q, keys, values, idx, scale, logits, out):
                     weights[j] = w
                     top = max(top, w)
                 whole = np.float32(0.0)
+                for j in range(k):  # the exponentials first: the loop below is then loads and FMAs only, short
+                    p = np.float32(math.exp(weights[j] - top))  # enough for the core to run several rows of V ahead
+                    weights[j] = p
+                    whole += p
                 acc[:] = 0.0
                 for j in range(k):
                     slot = chosen[j]
                     if slot < 0:
                         continue
-                    p = np.float32(math.exp(weights[j] - top))
-                    whole += p
+                    p = weights[j]
                     for c in range(d):
                         acc[c] += p * values[b, h, slot, c]
                 for c in range(d):

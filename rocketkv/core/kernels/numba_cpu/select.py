@@ -49,14 +49,16 @@ def _rank_value(values, c, rank, hist):
 
 @numba.njit(**JIT)
 def _candidates(bits, n, bound, scratch, units):
-    """The units of ``[0, n)`` whose ordered value reaches ``bound``, in unit order, their values into ``scratch``
-    (branch-free compaction); returns how many."""
+    """The units of ``[0, n)`` whose ordered value reaches ``bound``, in unit order, their values into ``scratch``;
+    returns how many.  A branch: the sampled bound lets a few percent through, in runs on smooth rows, so it is
+    predicted well, and it spares the two stores per unit of a branch-free compaction (two thirds of the time)."""
     c = 0
     for u in range(n):
         o = _ordered(bits[u])
-        scratch[c] = o
-        units[c] = u
-        c += o >= bound
+        if o >= bound:
+            scratch[c] = o
+            units[c] = u
+            c += 1
     return c
 
 
