@@ -1,7 +1,7 @@
-"""CPU decode kernels compiled by numba: a step's page fold, HSA's page probabilities, SparQ's channel scores, its exact selection, its
-attention over the selected slots and its read counts, one call each instead of 10-30 small torch ops (on CPU each op
-costs ~5-8 µs inside a decode step, which is most of a sparse method's step at 8k tokens).  Same results as
-``reference``: selections exactly (ties included), floats to rounding.  fp32 tensors on the CPU only;
+"""CPU decode kernels compiled by numba: a step's page fold, HSA's page probabilities, SparQ's channel scores, its
+exact selection, its attention over the selected slots and its read counts, one call each instead of 10-30 small torch
+ops (on CPU each op costs ~5-8 µs inside a decode step, which is most of a sparse method's step at 8k tokens).  Same
+results as ``reference``: selections exactly (ties included), floats to rounding.  fp32 tensors on the CPU only;
 ``kernels/__init__.py`` routes everything else to torch.  Importing this package imports numba (~3 s); each kernel
 compiles at its first call and is cached on disk (``__pycache__``, or numba's user cache)."""
 from rocketkv.core.kernels.numba_cpu.attend import attend
