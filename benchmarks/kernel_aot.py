@@ -72,8 +72,10 @@ def selection_examples(kernels, q, keys, upto, budget: int, rand) -> dict[str, C
     idx = torch.rand(b, hkv, g, n).topk(k, dim=-1).indices
     channels = torch.rand(b, hkv, g, d).topk(sparq["channels"], dim=-1).indices
     keys_by_channel = keys.transpose(2, 3).contiguous()  # SparQ's copy of K, [B, Hkv, d, C]
+    value_sum = torch.zeros(b, hkv, d)  # and its running sum of V, fp32
     return {
         "fold_page_bounds": lambda: kernels.fold_page_bounds(keys, tables[p], tables[p], upto, p, "triton"),
+        "fold_sparq_slot": lambda: kernels.fold_sparq_slot(keys, keys, keys_by_channel, value_sum, upto, "triton"),
         "hsa_page_probs": lambda: kernels.hsa_page_probs(q, tables[p], tables[p], upto, p, hsa["channels"],
                                                          "triton"),
         "quest_group_scores": lambda: kernels.quest_group_scores(q, tables[q_p], tables[q_p], upto, q_p, "triton"),

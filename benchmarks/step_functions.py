@@ -57,11 +57,12 @@ def timed(module, name: str, label: str | None = None) -> None:
 
 def instrument() -> None:
     for name in ("hsa_page_probs", "quest_group_scores", "select_units", "slot_scores", "union_reads",
-                 "fold_page_bounds"):
+                 "fold_page_bounds", "fold_sparq_slot"):
         timed(kernels, name)
     for module in (hsa, sparq, topk):
         timed(module, "attend_indices")
     timed(pages, "fold_reference")
+    timed(sparq, "fold_reference", "fold_sparq_reference")
     timed(attention, "_decode", "attention")
 
 

@@ -123,6 +123,17 @@ def check(case, seed=0):
             from rocketkv.core.methods.pages import fold_reference
             fold_reference(keys, lo, hi, upto_t, p)
     same("fold_page_bounds", torch.cat(tables["triton"]), torch.cat(tables["torch"]), exact=True)
+
+    values = torch.randn(keys.shape, generator=gen)
+    sparq = {be: (torch.randn(b, hkv, d, cap, generator=gen), torch.randn(b, hkv, d, generator=gen))
+             for be in ("torch", "triton")}
+    sparq["triton"] = tuple(t.clone() for t in sparq["torch"])
+    for be, (keys_t, value_sum) in sparq.items():
+        if not kernels.fold_sparq_slot(keys, values, keys_t, value_sum, upto_t, backend=be):
+            from rocketkv.core.methods.sparq import fold_reference
+            fold_reference(keys, values, keys_t, value_sum, upto_t)
+    same("fold_sparq_slot (K copy)", sparq["triton"][0], sparq["torch"][0], exact=True)
+    same("fold_sparq_slot (V sum)", sparq["triton"][1], sparq["torch"][1], exact=True)
     return lines
 
 

@@ -649,11 +649,12 @@ def test_attend_indices_equals_each_rows_own_softmax(rows_share_a_set, k):
                 torch.testing.assert_close(out[bi, kh, r].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_sparq_keeps_a_channel_major_copy_of_every_stored_key():
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: the numba fold where numba imports
+def test_sparq_keeps_a_channel_major_copy_of_every_stored_key(backend):
     """SparQ's metadata: K again, channel-major, built at ``index`` and extended by one column per decode step (also
     when the eager buffers grow); its bytes are the stored slots' K plus the running V sum."""
     b, hkv, g, d, slots = 2, 2, 3, 16, 40
-    m = make_method("sparq", 64, kernels="torch")
+    m = make_method("sparq", 64, kernels=backend)
     layer, _, _ = make_layer(m, b, hkv, g, d, slots, seed=3)
     plan = m.plan(slots, 8, d)
     m.index(layer, plan, slots)

@@ -156,3 +156,17 @@ def test_channel_scores_from_channel_major_keys_equal_the_reference(b, hkv, g, d
                     kernels.slot_scores(q, keys_t.mT, torch.tensor(upto), channels, backend="auto")):
             assert torch.isinf(got[..., upto:]).all() and (got[..., upto:] < 0).all()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparq_fold_equals_the_reference():
+    """The newest slot's key lands in its column of SparQ's copy of K and its value in the running sum, exactly as the
+    torch fold puts them; the other columns stay."""
+    from rocketkv.core.methods.sparq import fold_reference
+    keys, values = torch.randn(2, 3, 50, 16, generator=_gen(6)), torch.randn(2, 3, 50, 16, generator=_gen(7))
+    start = (torch.randn(2, 3, 16, 64, generator=_gen(8)), torch.randn(2, 3, 16, generator=_gen(9)))
+    for newest in (1, 17, 50):
+        want, got = [t.clone() for t in start], [t.clone() for t in start]
+        fold_reference(keys, values, *want, torch.tensor(newest))
+        numba_cpu.fold_sparq_slot(keys, values, *got, torch.tensor(newest))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got[0][..., newest - 1], keys[:, :, newest - 1])

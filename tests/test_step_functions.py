@@ -15,11 +15,12 @@ def test_step_functions_times_each_methods_functions_inside_the_step():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split()[0]: line for line in run.stdout.splitlines() if "ms/step" in line}
     pages = {"numba": {"fold_page_bounds"}, "torch": {"fold_page_bounds", "fold_reference"}}  # the torch fold
+    sparq_fold = {"numba": {"fold_sparq_slot"}, "torch": {"fold_sparq_slot", "fold_sparq_reference"}}
     for backend, path in (("auto", "numba"), ("torch", "torch")):
         want = {"full": {"attention"},
                 "rocketkv": {"attention", "hsa_page_probs", "select_units", "attend_indices"} | pages[path],
                 "topk": {"attention", "slot_scores", "select_units", "attend_indices", "union_reads"},
-                "sparq": {"attention", "slot_scores", "select_units", "attend_indices", "union_reads"},
+                "sparq": {"attention", "slot_scores", "select_units", "attend_indices", "union_reads"} | sparq_fold[path],
                 "quest": {"attention", "quest_group_scores", "select_units"} | pages[path]}
         for method, functions in want.items():
             row = rows[f"{method}[{backend}]"]

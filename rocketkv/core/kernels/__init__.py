@@ -26,6 +26,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 __all__ = [
     "dense_decode_attention",
     "fold_page_bounds",
+    "fold_sparq_slot",
     "hsa_page_probs",
     "quest_group_scores",
     "select_units",
@@ -142,6 +143,19 @@ def fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size: int, backend
         _triton_module("triton_pages").fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size)
     elif use_numba(backend, keys, page_min_t, page_max_t):
         _numba_module().fold_page_bounds(keys, page_min_t, page_max_t, upto, page_size)
+    else:
+        return False
+    return True
+
+
+def fold_sparq_slot(keys, values, keys_t, value_sum, upto, backend: str = "auto") -> bool:
+    """Fold slot ``upto - 1`` into SparQ's metadata (its key into that column of the channel-major copy ``keys_t``
+    ``[B, Hkv, d, C]``, its value into the fp32 running sum ``value_sum`` ``[B, Hkv, d]``) with the Triton or numba
+    kernel; False: use the torch path."""
+    if use_triton(backend, keys):
+        _triton_module("triton_sparq").fold_slot(keys, values, keys_t, value_sum, upto)
+    elif use_numba(backend, keys, values, keys_t, value_sum):
+        _numba_module().fold_sparq_slot(keys, values, keys_t, value_sum, upto)
     else:
         return False
     return True

@@ -13,6 +13,13 @@ from rocketkv.core.methods.base import Method, StepCost, register
 from rocketkv.core.methods.ops import attend_indices, covers_sequence, seq_len_for_plan, topk_cost
 
 
+def fold_reference(keys, values, keys_t, value_sum, upto) -> None:
+    """Slot ``upto - 1``'s key into that column of the channel-major copy ``keys_t``, its value into ``value_sum``."""
+    slot = (upto - 1).view(1)
+    value_sum += values.index_select(2, slot).squeeze(2).float()
+    keys_t.index_copy_(-1, slot, keys.index_select(2, slot).transpose(2, 3))
+
+
 @register
 @dataclass
 class SparQ(Method):
@@ -35,11 +42,11 @@ class SparQ(Method):
             meta["keys_t"] = layer.keys.new_zeros(b, hkv, d, layer.capacity)
             meta["keys_t"][..., :n] = layer.keys[:, :, :n].transpose(2, 3)
             return
-        slot = (upto - 1).view(1)
-        meta["value_sum"] += layer.values.index_select(2, slot).squeeze(2).float()
         if meta["keys_t"].shape[-1] < layer.capacity:  # the buffers grew (eager decode only)
             meta["keys_t"] = torch.nn.functional.pad(meta["keys_t"], (0, layer.capacity - meta["keys_t"].shape[-1]))
-        meta["keys_t"].index_copy_(-1, slot, layer.keys.index_select(2, slot).transpose(2, 3))
+        if not kernels.fold_sparq_slot(layer.keys, layer.values, meta["keys_t"], meta["value_sum"], upto,
+                                       self.kernels):
+            fold_reference(layer.keys, layer.values, meta["keys_t"], meta["value_sum"], upto)
 
     def metadata_bytes(self, layer, plan):
         """The K copy of the stored slots and the running V sum (the copy has room for more slots)."""

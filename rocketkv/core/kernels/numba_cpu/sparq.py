@@ -1,4 +1,5 @@
-"""SparQ's approximate scores from its channel-major copy of K (``reference.scores`` with ``channels``)."""
+"""SparQ's kernels: its approximate scores from its channel-major copy of K (``reference.scores`` with
+``channels``), and the fold of a decode step's newest slot into its metadata (``methods.sparq.fold_reference``)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import numba
 import numpy as np
 import torch
 
-from rocketkv.core.kernels.numba_cpu.jit import REASSOCIATE
+from rocketkv.core.kernels.numba_cpu.jit import JIT, REASSOCIATE
 
 
 @numba.njit(**REASSOCIATE)
@@ -43,3 +44,20 @@ def channel_scores(q: torch.Tensor, keys_t: torch.Tensor, upto, channels: torch.
     _channel_scores(q.detach().float().contiguous().numpy(), keys_t.detach().numpy(), channels.contiguous().numpy(),
                     int(upto), out)
     return torch.from_numpy(out)
+
+
+@numba.njit(**JIT)
+def _fold_slot(keys, values, keys_t, value_sum, slot):
+    batch, hkv, _, d = keys.shape
+    for b in range(batch):
+        for h in range(hkv):
+            for c in range(d):
+                keys_t[b, h, c, slot] = keys[b, h, slot, c]
+                value_sum[b, h, c] += values[b, h, slot, c]
+
+
+def fold_slot(keys, values, keys_t, value_sum, upto) -> None:
+    """Slot ``upto - 1``'s key into column ``upto - 1`` of ``keys_t`` ``[B,Hkv,d,C]``, its value added to
+    ``value_sum`` ``[B,Hkv,d]``, in place (fp32)."""
+    _fold_slot(keys.detach().numpy(), values.detach().numpy(), keys_t.detach().numpy(), value_sum.detach().numpy(),
+               int(upto) - 1)
