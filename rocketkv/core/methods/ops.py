@@ -88,6 +88,13 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def widened(table: torch.Tensor, size: int) -> torch.Tensor:
+    """``table`` with its last axis zero-padded to ``size`` slots or pages: a method's metadata after the layer's
+    buffers grew (eager decode only); ``table`` itself when it is already that wide."""
+    short = size - table.shape[-1]
+    return F.pad(table, (0, short)) if short > 0 else table
+
+
 def valid_slots(layer: CompressedLayer, upto: torch.Tensor) -> torch.Tensor:
     """``[C]`` bool: the buffer slots a step sees, ``slot < upto`` (``upto`` a 0-dim device tensor)."""
     return layer.slot_index < upto

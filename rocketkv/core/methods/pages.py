@@ -9,7 +9,7 @@ import torch
 
 from rocketkv.core import kernels
 from rocketkv.core.cache import CompressedLayer
-from rocketkv.core.methods.ops import ceil_div
+from rocketkv.core.methods.ops import ceil_div, widened
 
 
 def index_pages(layer: CompressedLayer, page_size: int, upto: int | torch.Tensor | None = None,
@@ -36,10 +36,8 @@ def _build(layer: CompressedLayer, page_size: int, upto: int) -> None:
 
 def _fold_newest(layer: CompressedLayer, page_size: int, upto: torch.Tensor, backend: str) -> None:
     meta = layer.meta
-    if meta["page_min_t"].shape[-1] < ceil_div(layer.capacity, page_size):  # the buffers grew (eager decode only)
-        grow = ceil_div(layer.capacity, page_size) - meta["page_min_t"].shape[-1]
-        for name in ("page_min_t", "page_max_t"):
-            meta[name] = torch.nn.functional.pad(meta[name], (0, grow))
+    for name in ("page_min_t", "page_max_t"):
+        meta[name] = widened(meta[name], ceil_div(layer.capacity, page_size))
     if not kernels.fold_page_bounds(layer.keys, meta["page_min_t"], meta["page_max_t"], upto, page_size, backend):
         fold_reference(layer.keys, meta["page_min_t"], meta["page_max_t"], upto, page_size)
 

@@ -10,7 +10,7 @@ import torch
 
 from rocketkv.core import kernels
 from rocketkv.core.methods.base import Method, StepCost, register
-from rocketkv.core.methods.ops import attend_indices, covers_sequence, seq_len_for_plan, topk_cost
+from rocketkv.core.methods.ops import attend_indices, covers_sequence, seq_len_for_plan, topk_cost, widened
 
 
 def fold_reference(keys, values, keys_t, value_sum, upto) -> None:
@@ -42,8 +42,7 @@ class SparQ(Method):
             meta["keys_t"] = layer.keys.new_zeros(b, hkv, d, layer.capacity)
             meta["keys_t"][..., :n] = layer.keys[:, :, :n].transpose(2, 3)
             return
-        if meta["keys_t"].shape[-1] < layer.capacity:  # the buffers grew (eager decode only)
-            meta["keys_t"] = torch.nn.functional.pad(meta["keys_t"], (0, layer.capacity - meta["keys_t"].shape[-1]))
+        meta["keys_t"] = widened(meta["keys_t"], layer.capacity)
         if not kernels.fold_sparq_slot(layer.keys, layer.values, meta["keys_t"], meta["value_sum"], upto,
                                        self.kernels):
             fold_reference(layer.keys, layer.values, meta["keys_t"], meta["value_sum"], upto)
